@@ -2,8 +2,8 @@
 
 
 class UserError(Exception):
-  """A mistake the user can fix: bad flag, missing data, unknown name.
+    """A mistake the user can fix: bad flag, missing data, unknown name.
 
-  The CLI prints its message as one sentence and exits with status 2, without
-  a traceback.
-  """
+    The CLI prints its message as one sentence and exits with status 2, without
+    a traceback.
+    """

@@ -34,246 +34,329 @@ DEFAULTS = {
     "folder": dict(backbone="resnet18", epochs=200, batch_size=32),
 }
 
+
 def define_flags(flag_values=flags.FLAGS):
-  """Defines the training flags on `flag_values`; returns them by name."""
-  fv = dict(flag_values=flag_values)
-  string = lambda *a: flags.DEFINE_string(*a, **fv)
-  integer = lambda *a: flags.DEFINE_integer(*a, **fv)
-  real = lambda *a: flags.DEFINE_float(*a, **fv)
-  return dict(
-      dataset=string("dataset", "digits", "Data set: digits (offline demo), "
-                     "cifar100, cub, stanford_dogs, imagenet (tfds), "
-                     "tiny_imagenet, mit67, folder (image folders)."),
-      data_dir=string("data_dir", None, "tfds data directory, or the root of "
-                      "the image folders ROOT/{train,test}/<class>/*."),
-      backbone=string("backbone", None, "Backbone name (cskd_tf.backbones); "
-                      "unset: the paper's for the data set."),
-      method=flags.DEFINE_enum("method", "cskd", METHODS, "Training objective.", **fv),
-      temperature=real("temperature", 4.0, "CS-KD temperature T."),
-      lambda_cls=real("lambda_cls", 1.0, "Weight of the class-wise term."),
-      epochs=integer("epochs", None, "Epochs; unset: the paper's."),
-      batch_size=integer("batch_size", None, "Anchors per step; unset: the paper's."),
-      lr=real("lr", 0.1, "Initial learning rate (divided by 10 at 50% and 75%)."),
-      momentum=real("momentum", 0.9, "SGD momentum."),
-      weight_decay=real("weight_decay", 1e-4, "Weight decay, PyTorch style "
-                        "(added to the gradient of every parameter)."),
-      val_split=real("val_split", 0.0, "Fraction of each training class held "
-                     "out for validation, in [0, 1)."),
-      seed=integer("seed", 0, "Random seed (weights, sampler, augmentation)."),
-      workdir=string("workdir", None, "Run folder; unset: runs/DATASET-METHOD-sSEED."),
-  )
+    """Defines the training flags on `flag_values`; returns them by name."""
+    fv = dict(flag_values=flag_values)
+    string = lambda *a: flags.DEFINE_string(*a, **fv)
+    integer = lambda *a: flags.DEFINE_integer(*a, **fv)
+    real = lambda *a: flags.DEFINE_float(*a, **fv)
+    return dict(
+        dataset=string(
+            "dataset",
+            "digits",
+            "Data set: digits (offline demo), "
+            "cifar100, cub, stanford_dogs, imagenet (tfds), "
+            "tiny_imagenet, mit67, folder (image folders).",
+        ),
+        data_dir=string(
+            "data_dir",
+            None,
+            "tfds data directory, or the root of the image folders ROOT/{train,test}/<class>/*.",
+        ),
+        backbone=string(
+            "backbone",
+            None,
+            "Backbone name (cskd_tf.backbones); unset: the paper's for the data set.",
+        ),
+        method=flags.DEFINE_enum("method", "cskd", METHODS, "Training objective.", **fv),
+        temperature=real("temperature", 4.0, "CS-KD temperature T."),
+        lambda_cls=real("lambda_cls", 1.0, "Weight of the class-wise term."),
+        epochs=integer("epochs", None, "Epochs; unset: the paper's."),
+        batch_size=integer("batch_size", None, "Anchors per step; unset: the paper's."),
+        lr=real("lr", 0.1, "Initial learning rate (divided by 10 at 50% and 75%)."),
+        momentum=real("momentum", 0.9, "SGD momentum."),
+        weight_decay=real(
+            "weight_decay",
+            1e-4,
+            "Weight decay, PyTorch style (added to the gradient of every parameter).",
+        ),
+        val_split=real(
+            "val_split", 0.0, "Fraction of each training class held out for validation, in [0, 1)."
+        ),
+        seed=integer("seed", 0, "Random seed (weights, sampler, augmentation)."),
+        workdir=string("workdir", None, "Run folder; unset: runs/DATASET-METHOD-sSEED."),
+    )
 
 
 def _check(condition, message):
-  if not condition:
-    raise UserError(message)
+    if not condition:
+        raise UserError(message)
 
 
 def _choose_strategy():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  gpus = tf.config.list_logical_devices("GPU")
-  if len(gpus) > 1:
-    return tf.distribute.MirroredStrategy()
-  return tf.distribute.get_strategy()
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
 
 
-def run(dataset="digits", data_dir=None, backbone=None, method="cskd",
-        temperature=4.0, lambda_cls=1.0, epochs=None, batch_size=None, lr=0.1,
-        momentum=0.9, weight_decay=1e-4, val_split=0.0, seed=0, workdir=None,
-        verbose=None):
-  """Trains, evaluates on the test split and writes the run folder.
+def run(
+    dataset="digits",
+    data_dir=None,
+    backbone=None,
+    method="cskd",
+    temperature=4.0,
+    lambda_cls=1.0,
+    epochs=None,
+    batch_size=None,
+    lr=0.1,
+    momentum=0.9,
+    weight_decay=1e-4,
+    val_split=0.0,
+    seed=0,
+    workdir=None,
+    verbose=None,
+):
+    """Trains, evaluates on the test split and writes the run folder.
 
-  Args: as the flags of the same names; `verbose` is Keras' (None: a
-  progress bar on a terminal, one line per epoch otherwise).
+    Args: as the flags of the same names; `verbose` is Keras' (None: a
+    progress bar on a terminal, one line per epoch otherwise).
 
-  Returns:
-    dict with `history` (Keras' per-epoch logs), `metrics` (what
-    `metrics.json` holds), `workdir` and `model`.
-  """
-  # Imported here so that `--help` and flag errors answer at once.
-  import keras  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+    Returns:
+      dict with `history` (Keras' per-epoch logs), `metrics` (what
+      `metrics.json` holds), `workdir` and `model`.
+    """
+    # Imported here so that `--help` and flag errors answer at once.
+    import keras  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from cskd_tf import backbones  # pylint: disable=g-import-not-at-top
-  from cskd_tf import data  # pylint: disable=g-import-not-at-top
-  from cskd_tf import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  from cskd_tf.data import sources  # pylint: disable=g-import-not-at-top
-  from cskd_tf.model import CSKDModel  # pylint: disable=g-import-not-at-top
-  from cskd_tf.optim import CoupledWeightDecaySGD, step_schedule  # pylint: disable=g-import-not-at-top
+    from cskd_tf import backbones  # pylint: disable=g-import-not-at-top
+    from cskd_tf import data  # pylint: disable=g-import-not-at-top
+    from cskd_tf import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+    from cskd_tf.data import sources  # pylint: disable=g-import-not-at-top
+    from cskd_tf.model import CSKDModel  # pylint: disable=g-import-not-at-top
+    from cskd_tf.optim import CoupledWeightDecaySGD, step_schedule  # pylint: disable=g-import-not-at-top
 
-  # --- Arguments -------------------------------------------------------------
-  dataset = sources.ALIASES.get(dataset, dataset)
-  _check(dataset in sources.names(),
-         f"Unknown data set '{dataset}'. Choose one of: {', '.join(sources.names())}.")
-  _check(method in METHODS,
-         f"Unknown method '{method}'. Choose one of: {', '.join(METHODS)}.")
-  defaults = DEFAULTS[dataset]
-  backbone = backbone or defaults["backbone"]
-  epochs = epochs or defaults["epochs"]
-  batch_size = batch_size or defaults["batch_size"]
-  _check(backbone in backbones.names(),
-         f"Unknown backbone '{backbone}'. Choose one of: {', '.join(backbones.names())}.")
-  _check(temperature > 0, f"--temperature must be > 0, got {temperature}.")
-  _check(lambda_cls >= 0, f"--lambda_cls must be >= 0, got {lambda_cls}.")
-  _check(epochs >= 1, f"--epochs must be >= 1, got {epochs}.")
-  _check(batch_size >= 1, f"--batch_size must be >= 1, got {batch_size}.")
-  _check(lr > 0, f"--lr must be > 0, got {lr}.")
-  _check(0 <= val_split < 1, f"--val_split must be in [0, 1), got {val_split}.")
-  _check(weight_decay >= 0, f"--weight_decay must be >= 0, got {weight_decay}.")
-  workdir = workdir or os.path.join("runs", f"{dataset}-{method}-s{seed}")
-  _check(not (os.path.isdir(workdir) and os.listdir(workdir)),
-         f"The run folder {workdir} already exists and is not empty: pass "
-         f"another --workdir or remove it.")
-  resolved = dict(dataset=dataset, data_dir=data_dir, backbone=backbone,
-                  method=method, temperature=temperature, lambda_cls=lambda_cls,
-                  epochs=epochs, batch_size=batch_size, lr=lr,
-                  momentum=momentum, weight_decay=weight_decay,
-                  val_split=val_split, seed=seed, workdir=workdir)
-  keras.utils.set_random_seed(seed)
+    # --- Arguments -------------------------------------------------------------
+    dataset = sources.ALIASES.get(dataset, dataset)
+    _check(
+        dataset in sources.names(),
+        f"Unknown data set '{dataset}'. Choose one of: {', '.join(sources.names())}.",
+    )
+    _check(method in METHODS, f"Unknown method '{method}'. Choose one of: {', '.join(METHODS)}.")
+    defaults = DEFAULTS[dataset]
+    backbone = backbone or defaults["backbone"]
+    epochs = epochs or defaults["epochs"]
+    batch_size = batch_size or defaults["batch_size"]
+    _check(
+        backbone in backbones.names(),
+        f"Unknown backbone '{backbone}'. Choose one of: {', '.join(backbones.names())}.",
+    )
+    _check(temperature > 0, f"--temperature must be > 0, got {temperature}.")
+    _check(lambda_cls >= 0, f"--lambda_cls must be >= 0, got {lambda_cls}.")
+    _check(epochs >= 1, f"--epochs must be >= 1, got {epochs}.")
+    _check(batch_size >= 1, f"--batch_size must be >= 1, got {batch_size}.")
+    _check(lr > 0, f"--lr must be > 0, got {lr}.")
+    _check(0 <= val_split < 1, f"--val_split must be in [0, 1), got {val_split}.")
+    _check(weight_decay >= 0, f"--weight_decay must be >= 0, got {weight_decay}.")
+    workdir = workdir or os.path.join("runs", f"{dataset}-{method}-s{seed}")
+    _check(
+        not (os.path.isdir(workdir) and os.listdir(workdir)),
+        f"The run folder {workdir} already exists and is not empty: pass "
+        f"another --workdir or remove it.",
+    )
+    resolved = dict(
+        dataset=dataset,
+        data_dir=data_dir,
+        backbone=backbone,
+        method=method,
+        temperature=temperature,
+        lambda_cls=lambda_cls,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        val_split=val_split,
+        seed=seed,
+        workdir=workdir,
+    )
+    keras.utils.set_random_seed(seed)
 
-  # --- Data ------------------------------------------------------------------
-  source = data.load(dataset, data_dir)
-  train, test = source.train, source.test
-  val = None
-  if val_split > 0:
-    _check(isinstance(train, sources.Split),
-           f"--val_split needs random access to the training set, which the "
-           f"streamed data set '{dataset}' lacks.")
-    train, val = data.stratified_split(train, val_split, seed=seed)
-  _check(batch_size <= len(train),
-         f"--batch_size {batch_size} is larger than the {len(train)} training "
-         f"examples.")
-  augmenter = data.Augmenter(source.preset, seed=seed)
-  steps_per_epoch = math.ceil(len(train) / batch_size)
-  if method == "cskd":
-    if isinstance(train, sources.Split):
-      train_ds = data.pair_dataset(train.values, train.labels, batch_size,
-                                   seed=seed, kind=train.kind,
-                                   augment=augmenter.train)
-    else:
-      train_ds = data.stream_pair_dataset(train.make(), batch_size, seed=seed,
-                                          kind=train.kind, augment=augmenter.train)
-  else:
-    train_ds = _examples(data, train, batch_size, seed=seed,
-                         augment=augmenter.train, shuffle=True)
-  test_ds = _examples(data, test, batch_size, augment=augmenter.eval)
-  val_ds = val and _examples(data, val, batch_size, augment=augmenter.eval)
-
-  # --- Model -----------------------------------------------------------------
-  strategy = _choose_strategy()
-  with strategy.scope():
-    net = backbones.get(backbone, source.num_classes, augmenter.input_shape)
+    # --- Data ------------------------------------------------------------------
+    source = data.load(dataset, data_dir)
+    train, test = source.train, source.test
+    val = None
+    if val_split > 0:
+        _check(
+            isinstance(train, sources.Split),
+            f"--val_split needs random access to the training set, which the "
+            f"streamed data set '{dataset}' lacks.",
+        )
+        train, val = data.stratified_split(train, val_split, seed=seed)
+    _check(
+        batch_size <= len(train),
+        f"--batch_size {batch_size} is larger than the {len(train)} training examples.",
+    )
+    augmenter = data.Augmenter(source.preset, seed=seed)
+    steps_per_epoch = math.ceil(len(train) / batch_size)
     if method == "cskd":
-      model = CSKDModel(net, temperature=temperature, lambda_cls=lambda_cls)
+        if isinstance(train, sources.Split):
+            train_ds = data.pair_dataset(
+                train.values,
+                train.labels,
+                batch_size,
+                seed=seed,
+                kind=train.kind,
+                augment=augmenter.train,
+            )
+        else:
+            train_ds = data.stream_pair_dataset(
+                train.make(), batch_size, seed=seed, kind=train.kind, augment=augmenter.train
+            )
     else:
-      model = net
+        train_ds = _examples(train, batch_size, seed=seed, augment=augmenter.train, shuffle=True)
+    test_ds = _examples(test, batch_size, augment=augmenter.eval)
+    val_ds = (
+        _examples(val, batch_size, augment=augmenter.eval)
+        if val is not None and len(val)
+        else None
+    )
 
-    # --- Compile -------------------------------------------------------------
-    schedule = step_schedule(lr, epochs, steps_per_epoch)
-    model.compile(
-        optimizer=CoupledWeightDecaySGD(schedule, momentum=momentum,
-                                        coupled_weight_decay=weight_decay),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+    # --- Model -----------------------------------------------------------------
+    strategy = _choose_strategy()
+    with strategy.scope():
+        net = backbones.get(backbone, source.num_classes, augmenter.input_shape)
+        if method == "cskd":
+            model = CSKDModel(net, temperature=temperature, lambda_cls=lambda_cls)
+        else:
+            model = net
 
-  # --- Callbacks -------------------------------------------------------------
-  # Everything is validated: only now does the run folder appear.
-  os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
-  _write_flagfile(os.path.join(workdir, "flags.txt"), resolved)
-  callbacks = [
-      keras.callbacks.TerminateOnNaN(),
-      keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv")),
-      keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard"),
-                                  profile_batch=0),
-      keras.callbacks.ModelCheckpoint(
-          os.path.join(workdir, "checkpoints", "last.keras")),
-  ]
-  if val_ds is not None:
-    callbacks.append(keras.callbacks.ModelCheckpoint(
-        os.path.join(workdir, "checkpoints", "best.keras"),
-        monitor="val_accuracy", mode="max", save_best_only=True))
+        # --- Compile -------------------------------------------------------------
+        schedule = step_schedule(lr, epochs, steps_per_epoch)
+        model.compile(
+            optimizer=CoupledWeightDecaySGD(
+                schedule, momentum=momentum, coupled_weight_decay=weight_decay
+            ),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        )
 
-  # --- Fit -------------------------------------------------------------------
-  if verbose is None:
-    verbose = 1 if sys.stdout.isatty() else 2
-  start = time.time()
-  history = model.fit(train_ds, epochs=epochs, validation_data=val_ds, shuffle=False,
-                      callbacks=callbacks, verbose=verbose)
-  train_seconds = time.time() - start
-  losses = history.history.get("loss", [])
-  if len(losses) < epochs or not np.all(np.isfinite(losses)):
-    raise FloatingPointError(
-        f"The training loss became NaN or infinite in epoch {len(losses)}; "
-        f"the last good checkpoint is in {workdir}/checkpoints.")
+    # --- Callbacks -------------------------------------------------------------
+    # Everything is validated: only now does the run folder appear.
+    os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
+    _write_flagfile(os.path.join(workdir, "flags.txt"), resolved)
+    callbacks = [
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv")),
+        keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard"), profile_batch=0),
+        keras.callbacks.ModelCheckpoint(os.path.join(workdir, "checkpoints", "last.keras")),
+    ]
+    if val_ds is not None:
+        callbacks.append(
+            keras.callbacks.ModelCheckpoint(
+                os.path.join(workdir, "checkpoints", "best.keras"),
+                monitor="val_accuracy",
+                mode="max",
+                save_best_only=True,
+            )
+        )
 
-  # --- Evaluate --------------------------------------------------------------
-  # Last-epoch figures on the test split, as REFERENCE.md asks: nothing here
-  # is selected on the test set.
-  logits = model.predict(test_ds, verbose=0)
-  labels = np.concatenate([y for _, y in test_ds.as_numpy_iterator()])
-  results = metrics_lib.classification_metrics(logits, labels)
-  if val_ds is not None:
-    val_logits = model.predict(val_ds, verbose=0)
-    val_labels = np.concatenate([y for _, y in val_ds.as_numpy_iterator()])
-    results.update({f"val_{k}": v for k, v in
-                    metrics_lib.classification_metrics(val_logits, val_labels).items()})
-  results.update(epochs=epochs, train_seconds=round(train_seconds, 2),
-                 train_examples=len(train), method=method, dataset=dataset,
-                 backbone=backbone, seed=seed)
+    # --- Fit -------------------------------------------------------------------
+    if verbose is None:
+        verbose = 1 if sys.stdout.isatty() else 2
+    start = time.time()
+    history = model.fit(
+        train_ds,
+        epochs=epochs,
+        validation_data=val_ds,
+        shuffle=False,
+        callbacks=callbacks,
+        verbose=verbose,
+    )
+    train_seconds = time.time() - start
+    losses = history.history.get("loss", [])
+    if len(losses) < epochs or not np.all(np.isfinite(losses)):
+        raise FloatingPointError(
+            f"The training loss became NaN or infinite in epoch {len(losses)}; "
+            f"the last good checkpoint is in {workdir}/checkpoints."
+        )
 
-  # --- Save ------------------------------------------------------------------
-  with open(os.path.join(workdir, "metrics.json"), "w") as f:
-    json.dump(results, f, indent=2, sort_keys=True)
-  return dict(history=history.history, metrics=results, workdir=workdir,
-              model=model)
+    # --- Evaluate --------------------------------------------------------------
+    # Last-epoch figures on the test split, as REFERENCE.md asks: nothing here
+    # is selected on the test set.
+    logits = model.predict(test_ds, verbose=0)
+    labels = np.concatenate([y for _, y in test_ds.as_numpy_iterator()])
+    results = metrics_lib.classification_metrics(logits, labels)
+    if val_ds is not None:
+        val_logits = model.predict(val_ds, verbose=0)
+        val_labels = np.concatenate([y for _, y in val_ds.as_numpy_iterator()])
+        results.update(
+            {
+                f"val_{k}": v
+                for k, v in metrics_lib.classification_metrics(val_logits, val_labels).items()
+            }
+        )
+    results.update(
+        epochs=epochs,
+        train_seconds=round(train_seconds, 2),
+        train_examples=len(train),
+        method=method,
+        dataset=dataset,
+        backbone=backbone,
+        seed=seed,
+    )
+
+    # --- Save ------------------------------------------------------------------
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+    return dict(history=history.history, metrics=results, workdir=workdir, model=model)
 
 
-def _examples(data, split, batch_size, **kwargs):
-  if hasattr(split, "make"):  # A stream.
-    return data.example_dataset(split.make(), None, batch_size, kind=split.kind, **kwargs)
-  return data.example_dataset(split.values, split.labels, batch_size,
-                              kind=split.kind, **kwargs)
+def _examples(split, batch_size, **kwargs):
+    """Single examples `(x, y)` of a Split or a StreamSplit."""
+    from cskd_tf import data  # pylint: disable=g-import-not-at-top
+
+    if hasattr(split, "make"):  # A stream.
+        return data.example_dataset(split.make(), None, batch_size, kind=split.kind, **kwargs)
+    return data.example_dataset(split.values, split.labels, batch_size, kind=split.kind, **kwargs)
 
 
 def _write_flagfile(path, values):
-  lines = [f"# Resolved flags of this run: python -m cskd_tf.train --flagfile={path}"]
-  for name, value in values.items():
-    if value is not None:
-      lines.append(f"--{name}={value}")
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+    lines = [f"# Resolved flags of this run: python -m cskd_tf.train --flagfile={path}"]
+    for name, value in values.items():
+        if value is not None:
+            lines.append(f"--{name}={value}")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise UserError(f"Unexpected arguments: {' '.join(argv[1:])} (flags take the form --name=value).")
-  values = {name: flag.value for name, flag in _FLAGS.items()}
-  result = run(**values)
-  print(f"Wrote {result['workdir']}/metrics.json: "
-        + ", ".join(f"{k}={result['metrics'][k]:.4f}"
-                    for k in ("top1_error", "top5_error", "nll")))
+    if len(argv) > 1:
+        raise UserError(
+            f"Unexpected arguments: {' '.join(argv[1:])} (flags take the form --name=value)."
+        )
+    values = {name: flag.value for name, flag in _FLAGS.items()}
+    result = run(**values)
+    print(
+        f"Wrote {result['workdir']}/metrics.json: "
+        + ", ".join(f"{k}={result['metrics'][k]:.4f}" for k in ("top1_error", "top5_error", "nll"))
+    )
 
 
 def _parse_flags(argv):
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as err:
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _main_with_errors(argv):
-  try:
-    main(argv)
-  except UserError as err:
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
+    try:
+        main(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def cli():
-  _FLAGS.update(define_flags())
-  app.run(_main_with_errors, flags_parser=_parse_flags)
+    _FLAGS.update(define_flags())
+    app.run(_main_with_errors, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
-  cli()
+    cli()

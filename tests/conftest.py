@@ -8,5 +8,4 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 # Must run before TensorFlow initialises its devices, hence at import time.
 _cpus = tf.config.list_physical_devices("CPU")
-tf.config.set_logical_device_configuration(
-    _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+tf.config.set_logical_device_configuration(_cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)

@@ -40,7 +40,8 @@ def _identity_basic_block(w: int) -> int:
 
 # PreAct ResNet-18 on CIFAR-100, by hand from the authors' CIFAR_ResNet:
 PREACT18_CIFAR100 = (
-    3 * 3 * 3 * 64 + 2 * 64  # stem conv3x3(3->64), bn1
+    3 * 3 * 3 * 64
+    + 2 * 64  # stem conv3x3(3->64), bn1
     # layer1: two identity blocks at width 64
     + 2 * (2 * 64 + 3 * 3 * 64 * 64 + 2 * 64 + 3 * 3 * 64 * 64)
     # layer2: block0 = bn1(64) + conv(64->128) + bn2(128) + conv(128->128) + 1x1 shortcut(64->128)
@@ -52,7 +53,8 @@ PREACT18_CIFAR100 = (
     # layer4
     + (2 * 256 + 3 * 3 * 256 * 512 + 2 * 512 + 3 * 3 * 512 * 512 + 256 * 512)
     + (2 * 512 + 3 * 3 * 512 * 512 + 2 * 512 + 3 * 3 * 512 * 512)
-    + 512 * 100 + 100  # linear
+    + 512 * 100
+    + 100  # linear
 )
 # = 11,217,444. Cross-check: Kuang Liu's PreActResNet18 (no stem BN) on CIFAR-10 is the widely
 # quoted 11,171,146 = 11,217,444 - 2 * 64 - (512 * 100 + 100) + (512 * 10 + 10).
@@ -136,8 +138,15 @@ def _case_id(case) -> str:
 
 def test_names_lists_required_backbones_sorted():
     required = {
-        "preact_resnet18", "preact_resnet10", "resnet18", "resnet10", "resnet50", "resnet101",
-        "densenet121", "small_convnet", "mlp",
+        "preact_resnet18",
+        "preact_resnet10",
+        "resnet18",
+        "resnet10",
+        "resnet50",
+        "resnet101",
+        "densenet121",
+        "small_convnet",
+        "mlp",
     }
     assert required <= set(backbones.names())
     assert backbones.names() == sorted(backbones.names())
@@ -221,8 +230,10 @@ def _spatial(model: keras.Model, layer: str) -> tuple[int, int]:
 
 @pytest.mark.parametrize("size", [224, 64, 100])
 def test_resnet18_spatial_shapes(size):
-    model = _build("resnet18", (size, size, 3), 1000) if size == 224 else backbones.get(
-        "resnet18", 1000, (size, size, 3)
+    model = (
+        _build("resnet18", (size, size, 3), 1000)
+        if size == 224
+        else backbones.get("resnet18", 1000, (size, size, 3))
     )
     h = _torch_out(_torch_out(size, 7, 2, 3), 3, 2, 1)  # conv1, maxpool
     assert _spatial(model, "maxpool") == (h, h)
@@ -306,7 +317,7 @@ def _torch_conv2d(x: np.ndarray, kernel: np.ndarray, stride: int, padding: int) 
     out = np.zeros((x.shape[0], ho, wo, kernel.shape[3]), dtype=np.float64)
     for i in range(ho):
         for j in range(wo):
-            patch = x[:, i * stride:i * stride + kh, j * stride:j * stride + kw, :]
+            patch = x[:, i * stride : i * stride + kh, j * stride : j * stride + kw, :]
             out[:, i, j, :] = np.einsum("nhwc,hwco->no", patch, kernel)
     return out
 
@@ -319,7 +330,7 @@ def _torch_max_pool(x: np.ndarray, kernel: int, stride: int, padding: int) -> np
     out = np.zeros((x.shape[0], ho, wo, x.shape[3]))
     for i in range(ho):
         for j in range(wo):
-            window = x[:, i * stride:i * stride + kernel, j * stride:j * stride + kernel, :]
+            window = x[:, i * stride : i * stride + kernel, j * stride : j * stride + kernel, :]
             out[:, i, j, :] = window.max(axis=(1, 2))
     return out
 
@@ -333,7 +344,12 @@ def test_conv2d_matches_torch_padding(size, kernel, stride, padding):
     x = rng.normal(size=(2, size, size, 3)).astype("float32")
     inputs = keras.Input((size, size, 3))
     outputs = layers.conv2d(
-        inputs, 4, kernel, stride=stride, padding=padding, name="conv",
+        inputs,
+        4,
+        kernel,
+        stride=stride,
+        padding=padding,
+        name="conv",
         kernel_initializer=layers.torch_default_kernel_initializer(),
     )
     model = keras.Model(inputs, outputs)
@@ -446,8 +462,10 @@ def test_feature_model_returns_same_logits_and_features(name, input_shape, width
     x = np.random.default_rng(5).normal(size=(2,) + input_shape).astype("float32")
     logits, features = both(x, training=False)
     np.testing.assert_allclose(
-        keras.ops.convert_to_numpy(logits), keras.ops.convert_to_numpy(model(x, training=False)),
-        rtol=1e-6, atol=1e-6,
+        keras.ops.convert_to_numpy(logits),
+        keras.ops.convert_to_numpy(model(x, training=False)),
+        rtol=1e-6,
+        atol=1e-6,
     )
     assert tuple(features.shape) == (2, width)
     # The features are what the logits layer consumes: logits = features @ W + b.
@@ -455,7 +473,8 @@ def test_feature_model_returns_same_logits_and_features(name, input_shape, width
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(features) @ _np(head.kernel) + _np(head.bias),
         keras.ops.convert_to_numpy(logits),
-        rtol=1e-5, atol=1e-5,
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 

@@ -53,7 +53,11 @@ def _dense_layer(x, small_stem: bool, conv_init, name: str):
     out = layers.batch_norm(x, name=f"{name}_norm1")
     out = layers.relu(out, name=f"{name}_relu1")
     out = layers.conv2d(
-        out, BN_SIZE * GROWTH_RATE, 1, padding=0, name=f"{name}_conv1",
+        out,
+        BN_SIZE * GROWTH_RATE,
+        1,
+        padding=0,
+        name=f"{name}_conv1",
         kernel_initializer=conv_init(),
     )
     out = layers.batch_norm(out, name=f"{name}_norm2")
@@ -116,7 +120,12 @@ def densenet121(num_classes: int, input_shape: tuple[int, int, int]) -> keras.Mo
         )
     else:
         x = layers.conv2d(
-            inputs, NUM_INIT_FEATURES, 7, stride=2, padding=3, name="conv0",
+            inputs,
+            NUM_INIT_FEATURES,
+            7,
+            stride=2,
+            padding=3,
+            name="conv0",
             kernel_initializer=conv_init(),
         )
         x = layers.batch_norm(x, name="norm0")

@@ -53,7 +53,12 @@ def _preact_block(x, in_channels: int, width: int, stride: int, name: str):
     if stride != 1 or in_channels != width:
         # Projection of the pre-activated input, with no BN, as in the reference.
         shortcut = layers.conv2d(
-            out, width, 1, stride=stride, padding=0, name=f"{name}_shortcut",
+            out,
+            width,
+            1,
+            stride=stride,
+            padding=0,
+            name=f"{name}_shortcut",
             kernel_initializer=_conv_init(),
         )
     else:

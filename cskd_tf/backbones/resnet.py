@@ -40,7 +40,12 @@ def _downsample(x, channels: int, stride: int, name: str):
         KerasTensor. The projected shortcut.
     """
     x = layers.conv2d(
-        x, channels, 1, stride=stride, padding=0, name=f"{name}_downsample_conv",
+        x,
+        channels,
+        1,
+        stride=stride,
+        padding=0,
+        name=f"{name}_downsample_conv",
         kernel_initializer=_conv_init(),
     )
     return layers.batch_norm(x, name=f"{name}_downsample_bn")

@@ -40,7 +40,11 @@ def small_convnet(num_classes: int, input_shape: tuple[int, int, int]) -> keras.
     x = inputs
     for index, (width, stride) in enumerate(zip(SMALL_CONVNET_WIDTHS, SMALL_CONVNET_STRIDES), 1):
         x = layers.conv2d(
-            x, width, 3, stride=stride, name=f"conv{index}",
+            x,
+            width,
+            3,
+            stride=stride,
+            name=f"conv{index}",
             kernel_initializer=layers.torch_default_kernel_initializer(),
         )
         x = layers.batch_norm(x, name=f"bn{index}")
