@@ -83,7 +83,7 @@ def test_run_writes_metrics_flags_and_checkpoints(tmp_path):
         verbose=0,
     )
     metrics = json.loads((workdir / "metrics.json").read_text())
-    for key in ("top1_error", "top5_error", "nll", "val_top1_error"):
+    for key in ("top1_error", "top5_error", "nll", "ece", "aurc", "val_top1_error", "val_ece"):
         assert 0 <= metrics[key] <= (10 if key == "nll" else 1)
     assert metrics["top5_error"] <= metrics["top1_error"]
     assert metrics["num_examples"] == 359
