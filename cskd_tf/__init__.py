@@ -2,14 +2,29 @@
 
 Yun et al., "Regularizing Class-wise Predictions via Self-knowledge
 Distillation", CVPR 2020.
+
+The public names are imported on first use, so that `python -m cskd_tf.train
+--help` and flag errors answer without waiting for TensorFlow to import.
 """
 
-from cskd_tf import backbones
-from cskd_tf import data
-from cskd_tf.data.pairs import pair_dataset
-from cskd_tf.losses import class_wise_kl
-from cskd_tf.model import CSKDModel
-from cskd_tf.optim import CoupledWeightDecaySGD
-from cskd_tf.optim import step_schedule
+import importlib
 
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "CSKDModel": "cskd_tf.model",
+    "CoupledWeightDecaySGD": "cskd_tf.optim",
+    "step_schedule": "cskd_tf.optim",
+    "class_wise_kl": "cskd_tf.losses",
+    "pair_dataset": "cskd_tf.data.pairs",
+}
+_SUBMODULES = ("backbones", "data", "losses", "metrics", "model", "optim")
+__all__ = sorted([*_PUBLIC, *_SUBMODULES])
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"cskd_tf.{name}")
+    raise AttributeError(f"module 'cskd_tf' has no attribute '{name}'")
