@@ -351,6 +351,9 @@ def _main_with_errors(argv):
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as err:  # A diverged run: not the user's typo, but no crash either.
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 def cli():

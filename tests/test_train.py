@@ -244,3 +244,14 @@ def test_cli_user_errors_exit_2_with_one_line(tmp_path, args, message):
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not workdir.exists()
+
+
+@pytest.mark.slow
+def test_cli_diverging_run_stops_with_one_line_and_status_1(tmp_path):
+    workdir = tmp_path / "nan"
+    # A learning rate of 1e30 overflows the weights within the first epoch.
+    proc = run_cli("--flagfile=configs/smoke.flags", "--lr=1e30", f"--workdir={workdir}")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "error: The training loss became NaN or infinite in epoch 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (workdir / "metrics.json").exists()
