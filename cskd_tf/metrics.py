@@ -133,4 +133,3 @@ def area_under_risk_coverage(probs, labels):
     order = np.argsort(-confidence, kind="stable")
     risks = np.cumsum(errors[order]) / np.arange(1, len(order) + 1)
     return float(risks.mean())
-

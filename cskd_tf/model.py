@@ -56,8 +56,7 @@ class CSKDModel(keras.Model):
         self.ce_tracker = keras.metrics.Mean(name="ce_loss")
         self.cls_tracker = keras.metrics.Mean(name="cls_loss")
         if backbone.built:
-            # A built backbone means a built wrapper: under a distribution strategy
-            # `fit` would otherwise try to build it by calling it on `(x, x_pair)`.
+            # Built with its backbone, so summary(), save() and the weights work before fit.
             self.build(backbone.input_shape)
 
     def build(self, input_shape):

@@ -211,9 +211,7 @@ def run(
         train_ds = _examples(train, batch_size, seed=seed, augment=augmenter.train, shuffle=True)
     test_ds = _examples(test, batch_size, augment=augmenter.eval)
     val_ds = (
-        _examples(val, batch_size, augment=augmenter.eval)
-        if val is not None and len(val)
-        else None
+        _examples(val, batch_size, augment=augmenter.eval) if val is not None and len(val) else None
     )
 
     # --- Model -----------------------------------------------------------------

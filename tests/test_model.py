@@ -80,7 +80,7 @@ def test_two_replicas_equal_one_device():
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     assert strategy.num_replicas_in_sync == 2
     with strategy.scope():
-        # Built before fit, so Keras does not call it on the pair (x, x_pair).
+        # fit builds the compiled metrics under the strategy: on the anchors, not on (x, x_pair).
         mirrored = compiled(CSKDModel(mlp(), temperature=4.0, lambda_cls=2.0))
     history_2 = fit_one_step(mirrored, x, x_pair, y)
 

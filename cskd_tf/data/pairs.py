@@ -15,11 +15,14 @@ import numpy as np
 import tensorflow as tf
 
 AUTOTUNE = tf.data.AUTOTUNE
-_MAX_INT64 = np.iinfo(np.int64).max
 
 
 def _identity(x):
     return x
+
+
+def _to_float(x):
+    return tf.cast(x, tf.float32)
 
 
 def decoder(kind):
@@ -36,6 +39,19 @@ def decoder(kind):
     if kind == "path":
         return lambda v: tf.io.decode_image(tf.io.read_file(v), channels=3, expand_animations=False)
     raise ValueError(f"Unknown value kind '{kind}'; expected pixels, encoded or path.")
+
+
+def reader(kind, augment=None):
+    """Returns the function from one stored value to a network input: decode, then augment.
+
+    Args:
+      kind: str. See `decoder`.
+      augment: callable or None. Maps one uint8 image to a network input; None
+        only casts to float32.
+    """
+    load = decoder(kind)
+    augment = augment or _to_float
+    return lambda value: augment(load(value))
 
 
 def class_index(labels):
@@ -125,12 +141,11 @@ def pair_dataset(
         raise ValueError(f"{len(images)} images but {len(labels)} labels.")
     values = tf.constant(images)
     labels_t = tf.constant(labels)
-    load = decoder(kind)
-    augment = augment or (lambda x: tf.cast(x, tf.float32))
+    read_one = reader(kind, augment)
 
     def read(anchor, partner):
-        x = augment(load(tf.gather(values, anchor)))
-        x_pair = augment(load(tf.gather(values, partner)))
+        x = read_one(tf.gather(values, anchor))
+        x_pair = read_one(tf.gather(values, partner))
         return (x, x_pair), labels_t[anchor]
 
     ds = pair_indices(labels, seed=seed, shuffle=shuffle)
@@ -170,8 +185,7 @@ def stream_pair_dataset(
     Returns:
       A `tf.data.Dataset` of `((x, x_pair), y)`.
     """
-    load = decoder(kind)
-    augment = augment or (lambda x: tf.cast(x, tf.float32))
+    read_one = reader(kind, augment)
     ds = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     ds = ds.group_by_window(
         key_func=lambda value, label: tf.cast(label, tf.int64),
@@ -193,7 +207,7 @@ def stream_pair_dataset(
     ds = ds.shuffle(shuffle_buffer, seed=seed + 2, reshuffle_each_iteration=True)
 
     def read(value, partner_value, label):
-        return (augment(load(value)), augment(load(partner_value))), tf.cast(label, tf.int64)
+        return (read_one(value), read_one(partner_value)), tf.cast(label, tf.int64)
 
     ds = ds.map(read, num_parallel_calls=AUTOTUNE)
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE)
@@ -223,19 +237,18 @@ def example_dataset(
       shuffle: bool. Shuffle every epoch (training); False keeps the order.
       shuffle_buffer: int. Buffer size when `images` is a stream.
     """
-    load = decoder(kind)
-    augment = augment or (lambda x: tf.cast(x, tf.float32))
+    read_one = reader(kind, augment)
     if isinstance(images, tf.data.Dataset):
         ds = images
         if shuffle:
             ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        read = lambda v, y: (augment(load(v)), tf.cast(y, tf.int64))
+        read = lambda v, y: (read_one(v), tf.cast(y, tf.int64))
     else:
         values = tf.constant(images)
         labels_t = tf.constant(np.asarray(labels, np.int64))
         ds = tf.data.Dataset.range(len(labels))
         if shuffle:
             ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-        read = lambda i: (augment(load(tf.gather(values, i))), labels_t[i])
+        read = lambda i: (read_one(tf.gather(values, i)), labels_t[i])
     ds = ds.map(read, num_parallel_calls=AUTOTUNE)
     return ds.batch(batch_size).prefetch(AUTOTUNE)

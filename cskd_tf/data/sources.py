@@ -4,7 +4,6 @@ import dataclasses
 import os
 
 import numpy as np
-import tensorflow as tf
 
 from cskd_tf.errors import UserError
 
