@@ -16,9 +16,21 @@ _PUBLIC = {
     "CoupledWeightDecaySGD": "cskd_tf.optim",
     "step_schedule": "cskd_tf.optim",
     "class_wise_kl": "cskd_tf.losses",
+    "EvaluationCallback": "cskd_tf.callbacks",
     "pair_dataset": "cskd_tf.data.pairs",
 }
-_SUBMODULES = ("backbones", "data", "losses", "metrics", "model", "optim")
+_SUBMODULES = (
+    "backbones",
+    "callbacks",
+    "data",
+    "figures",
+    "losses",
+    "metrics",
+    "model",
+    "optim",
+    "paper",
+    "report",
+)
 __all__ = sorted([*_PUBLIC, *_SUBMODULES])
 
 

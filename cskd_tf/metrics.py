@@ -30,17 +30,32 @@ def negative_log_likelihood(logits, labels):
     return float(-np.mean(log_probs[np.arange(len(labels)), np.asarray(labels)]))
 
 
-def classification_metrics(logits, labels):
-    """What every run reports, as fractions: top-1 / top-5 error, NLL, ECE (20 bins) and AURC."""
+def classification_metrics(logits, labels, features=None, num_bins=20):
+    """What every run reports, as fractions.
+
+    Args:
+      logits: float array `[N, C]`.
+      labels: int array `[N]`.
+      features: optional float array `[N, D]` of pooled penultimate features;
+        given, `recall_at_1` is reported too.
+      num_bins: int. ECE bins (the paper uses 20).
+
+    Returns:
+      dict with `top1_error`, `top5_error`, `nll` (nats), `ece`, `aurc`,
+      `recall_at_1` (with features) and `num_examples`.
+    """
     probs = special.softmax(np.asarray(logits, np.float64), axis=-1)
-    return {
+    results = {
         "top1_error": top_k_error(logits, labels, 1),
         "top5_error": top_k_error(logits, labels, 5),
         "nll": negative_log_likelihood(logits, labels),
-        "ece": expected_calibration_error(probs, labels, num_bins=20),
+        "ece": expected_calibration_error(probs, labels, num_bins=num_bins),
         "aurc": area_under_risk_coverage(probs, labels),
         "num_examples": int(len(labels)),
     }
+    if features is not None:
+        results["recall_at_1"] = recall_at_k(features, labels, k=1)
+    return results
 
 
 def expected_calibration_error(probs, labels, num_bins=20):

@@ -5,7 +5,10 @@ r"""Trains a classifier with CS-KD or cross-entropy and evaluates it.
 
 The run folder (`--workdir`) receives `flags.txt` (rerun with
 `--flagfile=WORKDIR/flags.txt`), TensorBoard logs, `history.csv`,
-checkpoints and `metrics.json` (test top-1 / top-5 error and NLL, fractions).
+checkpoints and `metrics.json` (test top-1 / top-5 error, NLL, ECE, AURC and
+recall@1, fractions). Every `--eval_every` epochs the same metrics of the
+validation split (`val_*`; or, without one, of the test split as `test_*`, for
+curves only: nothing is selected on them) go into the history and TensorBoard.
 """
 
 import json
@@ -74,6 +77,12 @@ def define_flags(flag_values=flags.FLAGS):
         val_split=real(
             "val_split", 0.0, "Fraction of each training class held out for validation, in [0, 1)."
         ),
+        eval_every=integer(
+            "eval_every",
+            1,
+            "Report ECE, R@1, ... of the validation (else test) split every this many epochs "
+            "(and after the first and the last); 0: only at the end.",
+        ),
         seed=integer("seed", 0, "Random seed (weights, sampler, augmentation)."),
         workdir=string("workdir", None, "Run folder; unset: runs/DATASET-METHOD-sSEED."),
     )
@@ -106,6 +115,7 @@ def run(
     momentum=0.9,
     weight_decay=1e-4,
     val_split=0.0,
+    eval_every=1,
     seed=0,
     workdir=None,
     verbose=None,
@@ -124,6 +134,7 @@ def run(
     import numpy as np  # pylint: disable=g-import-not-at-top
 
     from cskd_tf import backbones  # pylint: disable=g-import-not-at-top
+    from cskd_tf import callbacks as callbacks_lib  # pylint: disable=g-import-not-at-top
     from cskd_tf import data  # pylint: disable=g-import-not-at-top
     from cskd_tf import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
     from cskd_tf.data import sources  # pylint: disable=g-import-not-at-top
@@ -152,6 +163,7 @@ def run(
     _check(lr > 0, f"--lr must be > 0, got {lr}.")
     _check(0 <= val_split < 1, f"--val_split must be in [0, 1), got {val_split}.")
     _check(weight_decay >= 0, f"--weight_decay must be >= 0, got {weight_decay}.")
+    _check(eval_every >= 0, f"--eval_every must be >= 0, got {eval_every}.")
     workdir = workdir or os.path.join("runs", f"{dataset}-{method}-s{seed}")
     _check(
         not (os.path.isdir(workdir) and os.listdir(workdir)),
@@ -171,6 +183,7 @@ def run(
         momentum=momentum,
         weight_decay=weight_decay,
         val_split=val_split,
+        eval_every=eval_every,
         seed=seed,
         workdir=workdir,
     )
@@ -208,10 +221,14 @@ def run(
                 train.make(), batch_size, seed=seed, kind=train.kind, augment=augmenter.train
             )
     else:
-        train_ds = _examples(train, batch_size, seed=seed, augment=augmenter.train, shuffle=True)
-    test_ds = _examples(test, batch_size, augment=augmenter.eval)
+        train_ds = data.split_dataset(
+            train, batch_size, seed=seed, augment=augmenter.train, shuffle=True
+        )
+    test_ds = data.split_dataset(test, batch_size, augment=augmenter.eval)
     val_ds = (
-        _examples(val, batch_size, augment=augmenter.eval) if val is not None and len(val) else None
+        data.split_dataset(val, batch_size, augment=augmenter.eval)
+        if val is not None and len(val)
+        else None
     )
 
     # --- Model -----------------------------------------------------------------
@@ -237,18 +254,23 @@ def run(
     # Everything is validated: only now does the run folder appear.
     os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
     _write_flagfile(os.path.join(workdir, "flags.txt"), resolved)
-    callbacks = [
+    callbacks = []
+    if eval_every:
+        # First in the list, so that the checkpoints and loggers below see its metrics.
+        monitored, prefix = (val_ds, "val_") if val_ds is not None else (test_ds, "test_")
+        callbacks.append(callbacks_lib.EvaluationCallback(monitored, eval_every, prefix))
+    callbacks += [
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv")),
         keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard"), profile_batch=0),
         keras.callbacks.ModelCheckpoint(os.path.join(workdir, "checkpoints", "last.keras")),
     ]
-    if val_ds is not None:
+    if val_ds is not None and eval_every:
         callbacks.append(
             keras.callbacks.ModelCheckpoint(
                 os.path.join(workdir, "checkpoints", "best.keras"),
-                monitor="val_accuracy",
-                mode="max",
+                monitor="val_top1_error",
+                mode="min",
                 save_best_only=True,
             )
         )
@@ -257,10 +279,11 @@ def run(
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
     start = time.time()
+    # The validation split is scored by the EvaluationCallback (one pass for
+    # every metric), not by Keras' own validation loop.
     history = model.fit(
         train_ds,
         epochs=epochs,
-        validation_data=val_ds,
         shuffle=False,
         callbacks=callbacks,
         verbose=verbose,
@@ -276,18 +299,15 @@ def run(
     # --- Evaluate --------------------------------------------------------------
     # Last-epoch figures on the test split, as REFERENCE.md asks: nothing here
     # is selected on the test set.
-    logits = model.predict(test_ds, verbose=0)
-    labels = np.concatenate([y for _, y in test_ds.as_numpy_iterator()])
-    results = metrics_lib.classification_metrics(logits, labels)
+    predictor = callbacks_lib.Predictor(model)
+
+    def score(dataset):
+        out = predictor(dataset)
+        return metrics_lib.classification_metrics(out.logits, out.labels, features=out.features)
+
+    results = score(test_ds)
     if val_ds is not None:
-        val_logits = model.predict(val_ds, verbose=0)
-        val_labels = np.concatenate([y for _, y in val_ds.as_numpy_iterator()])
-        results.update(
-            {
-                f"val_{k}": v
-                for k, v in metrics_lib.classification_metrics(val_logits, val_labels).items()
-            }
-        )
+        results.update({f"val_{k}": v for k, v in score(val_ds).items()})
     results.update(
         epochs=epochs,
         train_seconds=round(train_seconds, 2),
@@ -304,13 +324,20 @@ def run(
     return dict(history=history.history, metrics=results, workdir=workdir, model=model)
 
 
-def _examples(split, batch_size, **kwargs):
-    """Single examples `(x, y)` of a Split or a StreamSplit."""
-    from cskd_tf import data  # pylint: disable=g-import-not-at-top
+def read_flagfile(path):
+    """The flags of a run folder's `flags.txt` (or any flagfile), as `run`'s keyword arguments.
 
-    if hasattr(split, "make"):  # A stream.
-        return data.example_dataset(split.make(), None, batch_size, kind=split.kind, **kwargs)
-    return data.example_dataset(split.values, split.labels, batch_size, kind=split.kind, **kwargs)
+    Raises:
+      UserError: if the file is missing or holds an unknown flag.
+    """
+    _check(os.path.isfile(path), f"{path} does not exist: is this a run folder of cskd_tf.train?")
+    values = flags.FlagValues()
+    holders = define_flags(values)
+    try:
+        values(["train", f"--flagfile={path}"])
+    except flags.Error as err:
+        raise UserError(f"Cannot read {path}: {err}") from None
+    return {name: holder.value for name, holder in holders.items()}
 
 
 def _write_flagfile(path, values):
@@ -331,7 +358,10 @@ def main(argv):
     result = run(**values)
     print(
         f"Wrote {result['workdir']}/metrics.json: "
-        + ", ".join(f"{k}={result['metrics'][k]:.4f}" for k in ("top1_error", "top5_error", "nll"))
+        + ", ".join(
+            f"{k}={result['metrics'][k]:.4f}"
+            for k in ("top1_error", "top5_error", "ece", "recall_at_1")
+        )
     )
 
 

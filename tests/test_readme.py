@@ -15,8 +15,12 @@ def test_fit_snippet_runs_and_trains():
     namespace = {}
     exec(compile(code, str(README), "exec"), namespace)  # pylint: disable=exec-used
     history = namespace["history"].history
-    assert set(history) == {"loss", "ce_loss", "cls_loss", "accuracy"}
-    assert len(history["loss"]) == 2
+    scores = ("top1_error", "top5_error", "nll", "ece", "aurc", "recall_at_1")
+    assert set(history) == {"loss", "ce_loss", "cls_loss", "accuracy"} | {
+        f"val_{s}" for s in scores
+    }
+    for values in history.values():
+        assert len(values) == 2
     for total, ce, cls in zip(history["loss"], history["ce_loss"], history["cls_loss"]):
         assert abs(total - (ce + cls)) < 1e-4  # lambda_cls = 1
     assert isinstance(namespace["model"], keras.Model)

@@ -96,14 +96,13 @@ def test_run_writes_metrics_flags_and_checkpoints(tmp_path):
     logs = result["model"].evaluate(ds, verbose=0, return_dict=True)
     assert metrics["top1_error"] == pytest.approx(1 - logs["accuracy"], abs=1e-6)
     assert metrics["nll"] == pytest.approx(logs["loss"], rel=1e-4)
-    assert set(result["history"]) >= {
-        "loss",
-        "ce_loss",
-        "cls_loss",
-        "accuracy",
-        "val_loss",
-        "val_accuracy",
-    }
+    history = result["history"]
+    assert set(history) >= {"loss", "ce_loss", "cls_loss", "accuracy", "val_ece", "val_recall_at_1"}
+    # Both epochs are scored, and the last scores are those of the final model.
+    for key in ("top1_error", "ece", "recall_at_1", "aurc", "nll"):
+        assert len(history[f"val_{key}"]) == 2
+        assert history[f"val_{key}"][-1] == pytest.approx(metrics[f"val_{key}"], abs=1e-6)
+    assert 0 <= metrics["recall_at_1"] <= 1
     assert (workdir / "checkpoints/last.keras").exists()
     assert (workdir / "checkpoints/best.keras").exists()
     assert any((workdir / "tensorboard").rglob("events.out.tfevents*"))
@@ -122,6 +121,7 @@ def test_run_writes_metrics_flags_and_checkpoints(tmp_path):
         momentum=0.9,
         weight_decay=1e-4,
         val_split=0.1,
+        eval_every=1,
         seed=0,
         workdir=str(workdir),
     )
@@ -150,6 +150,7 @@ def test_cross_entropy_method_trains_the_plain_backbone(tmp_path):
         (dict(temperature=0.0), "--temperature must be > 0"),
         (dict(lambda_cls=-1.0), "--lambda_cls must be >= 0"),
         (dict(val_split=1.0), "--val_split must be in [0, 1)"),
+        (dict(eval_every=-1), "--eval_every must be >= 0"),
         (dict(batch_size=10_000), "larger than the 1438 training examples"),
     ],
 )

@@ -252,3 +252,16 @@ def example_dataset(
         read = lambda i: (read_one(tf.gather(values, i)), labels_t[i])
     ds = ds.map(read, num_parallel_calls=AUTOTUNE)
     return ds.batch(batch_size).prefetch(AUTOTUNE)
+
+
+def split_dataset(split, batch_size, **kwargs):
+    """`example_dataset` of a `Split` (arrays) or a `StreamSplit` (a stream).
+
+    Args:
+      split: Split or StreamSplit (`cskd_tf.data.sources`).
+      batch_size: int.
+      **kwargs: forwarded to `example_dataset` (`augment`, `shuffle`, `seed`).
+    """
+    if hasattr(split, "make"):  # A stream.
+        return example_dataset(split.make(), None, batch_size, kind=split.kind, **kwargs)
+    return example_dataset(split.values, split.labels, batch_size, kind=split.kind, **kwargs)

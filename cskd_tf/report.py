@@ -1,0 +1,297 @@
+"""Results table: our runs (mean ± std over seeds) beside the paper's numbers.
+
+A run folder is what `python -m cskd_tf.train` writes; only its `metrics.json`
+is read. `tools/report.py` is the command-line front end. This module imports
+neither TensorFlow nor Keras.
+"""
+
+import json
+import pathlib
+import statistics
+
+from cskd_tf.errors import UserError
+from cskd_tf.paper import paper_numbers
+
+# Metric key in metrics.json -> (our column, the paper's column).
+METRICS = {
+    "top1_error": ("Top-1 err. (%)", "Paper top-1"),
+    "top5_error": ("Top-5 err. (%)", "Paper top-5"),
+    "ece": ("ECE (%)", "Paper ECE"),
+    "recall_at_1": ("R@1 (%)", "Paper R@1"),
+}
+# Display names, in table order; names not listed are shown as they are, after these.
+DATASET_NAMES = {
+    "digits": "Digits (demo)",
+    "cifar100": "CIFAR-100",
+    "tiny_imagenet": "TinyImageNet",
+    "cub": "CUB-200-2011",
+    "stanford_dogs": "Stanford Dogs",
+    "mit67": "MIT67",
+    "imagenet": "ImageNet",
+}
+METHOD_NAMES = {"ce": "Cross-entropy", "cskd": "CS-KD"}
+
+BEGIN_MARKER = "<!-- results:begin -->"
+END_MARKER = "<!-- results:end -->"
+MISSING = "—"
+_KEYS = ("dataset", "backbone", "method", "seed")
+
+
+def dataset_name(dataset: str) -> str:
+    """Returns the display name of a data set (the raw name if it has none)."""
+    return DATASET_NAMES.get(dataset, dataset)
+
+
+def method_name(method: str) -> str:
+    """Returns the display name of a method (the raw name if it has none)."""
+    return METHOD_NAMES.get(method, method)
+
+
+def _run_folders(path: pathlib.Path) -> list[pathlib.Path]:
+    if (path / "metrics.json").is_file():
+        return [path]
+    if not path.exists():
+        raise UserError(f"{path} does not exist.")
+    subfolders = []
+    if path.is_dir():
+        subfolders = [p for p in sorted(path.iterdir()) if (p / "metrics.json").is_file()]
+    if not subfolders:
+        raise UserError(f"No metrics.json in {path} nor in any of its immediate subfolders.")
+    return subfolders
+
+
+def _read_metrics(folder: pathlib.Path) -> dict:
+    path = folder / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"Cannot read {path}: {err}.") from err
+    if not isinstance(metrics, dict):
+        raise UserError(f"{path} does not hold a JSON object.")
+    missing = [key for key in _KEYS if key not in metrics]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}.")
+    if not all(isinstance(metrics[key], str) for key in _KEYS[:3]) or not isinstance(
+        metrics["seed"], int
+    ):
+        raise UserError(f"{path}: dataset, backbone and method must be strings, seed an integer.")
+    for metric in METRICS:
+        value = metrics.get(metric)
+        if value is not None and not (isinstance(value, (int, float)) and 0 <= value <= 1):
+            raise UserError(f"{path}: {metric} is {value!r}, expected a fraction in [0, 1].")
+    return metrics
+
+
+def load_runs(paths: list) -> list[dict]:
+    """Reads the metrics of run folders.
+
+    Args:
+        paths: list. Run folders (holding `metrics.json`), or parent folders, of which every
+            immediate subfolder holding a `metrics.json` is taken. A folder reached twice is
+            read once.
+
+    Returns:
+        list[dict]. One dict per run: its `metrics.json`, plus `workdir`, the folder as str.
+
+    Raises:
+        UserError: if `paths` is empty, a path has no `metrics.json` in it nor in its
+            subfolders, or a `metrics.json` is unreadable or lacks dataset/backbone/method/seed.
+    """
+    if not paths:
+        raise UserError("No run folders given.")
+    runs, seen = [], set()
+    for path in paths:
+        for folder in _run_folders(pathlib.Path(path)):
+            if folder.resolve() in seen:
+                continue
+            seen.add(folder.resolve())
+            runs.append({**_read_metrics(folder), "workdir": str(folder)})
+    return runs
+
+
+def _sort_key(group: tuple) -> tuple:
+    dataset, backbone, method = group
+    datasets, methods = list(DATASET_NAMES), list(METHOD_NAMES)
+    return (
+        datasets.index(dataset) if dataset in datasets else len(datasets),
+        dataset,
+        backbone,
+        methods.index(method) if method in methods else len(methods),
+        method,
+    )
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Groups runs by (dataset, backbone, method) and averages each metric over seeds.
+
+    Args:
+        runs: list[dict]. As `load_runs` returns them.
+
+    Returns:
+        list[dict]. One row per group, sorted by data set (in `DATASET_NAMES` order), backbone,
+        then method (cross-entropy first), with keys `dataset`, `backbone`, `method`, `seeds`
+        (sorted list), `workdirs` (list of str, in seed order), `metrics` (metric -> `(mean,
+        std)` in percent, std the sample standard deviation (ddof=1), None with one seed; None
+        where no run reports the metric), `counts` (metric -> number of runs that report it)
+        and `paper` (the paper's `{metric: (mean, std)}`, or None).
+
+    Raises:
+        UserError: if two runs share dataset, backbone, method and seed.
+    """
+    groups = {}
+    for run in runs:
+        group = groups.setdefault((run["dataset"], run["backbone"], run["method"]), {})
+        if run["seed"] in group:
+            raise UserError(
+                f"{group[run['seed']]['workdir']} and {run['workdir']} are both "
+                f"{run['dataset']}/{run['backbone']}/{run['method']} with seed {run['seed']}; "
+                "pass each run once."
+            )
+        group[run["seed"]] = run
+    rows = []
+    for key in sorted(groups, key=_sort_key):
+        dataset, backbone, method = key
+        seeds = sorted(groups[key])
+        members = [groups[key][seed] for seed in seeds]
+        row = {
+            "dataset": dataset,
+            "backbone": backbone,
+            "method": method,
+            "seeds": seeds,
+            "workdirs": [run["workdir"] for run in members],
+            "metrics": {},
+            "counts": {},
+            "paper": paper_numbers(dataset, backbone, method),
+        }
+        for metric in METRICS:
+            values = [100 * run[metric] for run in members if run.get(metric) is not None]
+            row["counts"][metric] = len(values)
+            if not values:
+                row["metrics"][metric] = None
+            else:
+                std = statistics.stdev(values) if len(values) > 1 else None
+                row["metrics"][metric] = (statistics.fmean(values), std)
+        rows.append(row)
+    return rows
+
+
+def _cell(value) -> str:
+    if value is None:
+        return MISSING
+    mean, std = value
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Formats `summarize` rows as a Markdown table, each metric beside the paper's.
+
+    Args:
+        rows: list[dict]. As `summarize` returns them.
+
+    Returns:
+        str. The table, a blank line and one line saying what the numbers are and which runs
+        went in. Values in percent with two decimals, "mean ± std" ("mean" alone with one seed);
+        "—" where a value is missing. A mean over fewer runs than the row's seeds (some runs
+        lack the metric) is followed by "(n=COUNT)".
+    """
+    header = ["Data set", "Backbone", "Method", "Seeds"]
+    for ours, paper in METRICS.values():
+        header += [ours, paper]
+    lines = []
+    for row in rows:
+        cells = [
+            dataset_name(row["dataset"]),
+            row["backbone"],
+            method_name(row["method"]),
+            str(len(row["seeds"])),
+        ]
+        for metric in METRICS:
+            cell = _cell(row["metrics"][metric])
+            if row["metrics"][metric] is not None and row["counts"][metric] < len(row["seeds"]):
+                cell += f" (n={row['counts'][metric]})"
+            cells += [cell, _cell((row["paper"] or {}).get(metric))]
+        lines.append([cell.replace("|", "\\|") for cell in cells])
+    widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
+    right = [i >= 3 for i in range(len(header))]  # Numbers are right-aligned.
+
+    def join(cells):
+        padded = [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = ["-" * (w - 1) + ":" if r else "-" * w for w, r in zip(widths, right)]
+    workdirs = [workdir for row in rows for workdir in row["workdirs"]]
+    footer = (
+        "Mean ± sample standard deviation (ddof=1) over seeds, in percent; no ± with one seed. "
+        f"Paper: Yun et al., CVPR 2020, Tables 1, 5 and 6; {MISSING}: not reported. "
+        f"{len(workdirs)} run{'s' if len(workdirs) != 1 else ''}: {', '.join(workdirs)}."
+    )
+    return "\n".join([join(header), join(rule), *map(join, lines), "", footer]) + "\n"
+
+
+def update_readme(readme_path, table: str) -> bool:
+    """Puts `table` between the README's results markers.
+
+    Args:
+        readme_path: str | os.PathLike. The file to update, e.g. README.md.
+        table: str. What goes between the lines `<!-- results:begin -->` and
+            `<!-- results:end -->` (kept), with a blank line either side.
+
+    Returns:
+        bool. Whether the file changed (it is written only then).
+
+    Raises:
+        UserError: if the file cannot be read or written, or lacks the two marker lines (each
+            exactly once, begin before end).
+    """
+    path = pathlib.Path(readme_path)
+    try:
+        with open(path, encoding="utf-8", newline="") as f:  # newline="": keep CRLF as it is.
+            old = f.read()
+    except OSError as err:
+        raise UserError(f"Cannot read {path}: {err.strerror}.") from err
+    lines = old.splitlines(keepends=True)
+    stripped = [line.strip() for line in lines]
+    if stripped.count(BEGIN_MARKER) != 1 or stripped.count(END_MARKER) != 1:
+        raise UserError(
+            f"{path} needs the lines {BEGIN_MARKER} and {END_MARKER}, each once, "
+            "to put the table between."
+        )
+    begin, end = stripped.index(BEGIN_MARKER), stripped.index(END_MARKER)
+    if end < begin:
+        raise UserError(f"In {path}, {END_MARKER} comes before {BEGIN_MARKER}.")
+    newline = "\r\n" if lines[begin].endswith("\r\n") else "\n"
+    body = "\n" + table.strip("\n") + "\n\n"
+    new = "".join(lines[: begin + 1]) + body.replace("\n", newline) + "".join(lines[end:])
+    if new == old:
+        return False
+    try:
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            f.write(new)
+    except OSError as err:
+        raise UserError(f"Cannot write {path}: {err.strerror}.") from err
+    return True
+
+
+def write_report(paths: list, output=None, readme=None) -> tuple[str, bool | None]:
+    """Builds the table from run folders, and writes it where asked.
+
+    Args:
+        paths: list. Run folders or their parents, as for `load_runs`.
+        output: str | os.PathLike | None. File to write the table to.
+        readme: str | os.PathLike | None. File whose results section `update_readme` replaces.
+
+    Returns:
+        tuple[str, bool | None]. The table, and whether the README changed (None without one).
+
+    Raises:
+        UserError: as `load_runs`, `summarize` and `update_readme`, or if `output` cannot be
+            written.
+    """
+    table = markdown_table(summarize(load_runs(paths)))
+    if output:
+        try:
+            pathlib.Path(output).write_text(table, encoding="utf-8")
+        except OSError as err:
+            raise UserError(f"Cannot write {output}: {err.strerror}.") from err
+    changed = update_readme(readme, table) if readme else None
+    return table, changed

@@ -1,0 +1,55 @@
+r"""Prints the results table of run folders, beside the paper's numbers.
+
+    python tools/report.py runs/                      # every run folder under runs/
+    python tools/report.py runs/cub-ce-s0 runs/cub-cskd-s0 --output=results.md
+    python tools/report.py runs/ --readme=README.md   # between <!-- results:begin/end -->
+
+Mistakes (no metrics.json, a run given twice, no README markers) print one
+"error:" line and exit with status 2.
+"""
+
+import sys
+
+from absl import app, flags
+
+from cskd_tf import report
+from cskd_tf.errors import UserError
+
+_OUTPUT = flags.DEFINE_string("output", None, "Also write the table to this file.")
+_README = flags.DEFINE_string(
+    "readme",
+    None,
+    f"Replace the text between the lines {report.BEGIN_MARKER} and {report.END_MARKER} "
+    "of this file with the table.",
+)
+
+
+def main(argv):
+    if len(argv) < 2:
+        raise UserError("Give one or more run folders, e.g. python tools/report.py runs/")
+    table, changed = report.write_report(argv[1:], output=_OUTPUT.value, readme=_README.value)
+    print(table, end="")
+    if changed is not None:
+        print(
+            f"{_README.value}: {'updated' if changed else 'already up to date'}.", file=sys.stderr
+        )
+
+
+def _parse_flags(argv):
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _main_with_errors(argv):
+    try:
+        main(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(_main_with_errors, flags_parser=_parse_flags)
