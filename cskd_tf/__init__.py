@@ -23,6 +23,7 @@ _SUBMODULES = (
     "backbones",
     "callbacks",
     "data",
+    "export",
     "figures",
     "losses",
     "metrics",

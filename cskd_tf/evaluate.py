@@ -5,7 +5,8 @@ r"""Scores trained runs and draws the paper's analysis figures.
         --out=runs/digits-ce-vs-cskd
 
 For each run folder (its `checkpoints/last.keras`, or `best.keras` with
-`--checkpoint=best`) one prediction pass over the test split (or, with
+`--checkpoint=best`) or export folder of `tools/export.py` (through its
+SavedModel signatures, with its fitted temperature) one prediction pass over the test split (or, with
 `--split=val`, the run's validation split) gives logits and pooled features.
 `--out` receives `metrics.json` (per run: top-1 / top-5 error, NLL, ECE, AURC,
 recall@1, as fractions) and four figures, the runs overlaid or side by side:
@@ -15,11 +16,10 @@ recall@1, as fractions) and four figures, the runs overlaid or side by side:
 
 import json
 import os
-import sys
 
-from absl import app
 from absl import flags
 
+from cskd_tf import cli as cli_lib
 from cskd_tf.errors import UserError
 
 LABELS = {"ce": "CE", "cskd": "CS-KD"}
@@ -34,7 +34,8 @@ def define_flags(flag_values=flags.FLAGS):
         runs=flags.DEFINE_multi_string(
             "run",
             [],
-            "Run folder of cskd_tf.train; repeat to compare runs (e.g. CE, then CS-KD).",
+            "Run folder of cskd_tf.train, or export folder of tools/export.py; repeat to compare "
+            "runs (e.g. CE, then CS-KD).",
             **fv,
         ),
         labels=flags.DEFINE_list(
@@ -92,6 +93,7 @@ def run(runs, labels=(), checkpoint="last", split="test", out=None, data_dir=Non
 
     from cskd_tf import callbacks  # pylint: disable=g-import-not-at-top
     from cskd_tf import data  # pylint: disable=g-import-not-at-top
+    from cskd_tf import export  # pylint: disable=g-import-not-at-top
     from cskd_tf import figures  # pylint: disable=g-import-not-at-top
     from cskd_tf import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
     from cskd_tf import model as _  # pylint: disable=g-import-not-at-top,unused-import  # Registers CSKDModel for load_model.
@@ -100,13 +102,17 @@ def run(runs, labels=(), checkpoint="last", split="test", out=None, data_dir=Non
     # --- Arguments -------------------------------------------------------------
     _check(runs, "Name at least one run folder with --run.")
     _check(batch_size >= 1, f"--batch_size must be >= 1, got {batch_size}.")
+    settings, paths = [], []
     for folder in runs:
         _check(os.path.isdir(folder), f"The run folder {folder} does not exist.")
-    settings = [train.read_flagfile(os.path.join(folder, "flags.txt")) for folder in runs]
-    paths = [os.path.join(folder, "checkpoints", f"{checkpoint}.keras") for folder in runs]
-    for path in paths:
+        if export.is_export(folder):  # A SavedModel: its run's flags travel with it.
+            settings.append(export.read_info(folder)["train_flags"])
+            paths.append(folder)
+            continue
+        settings.append(train.read_flagfile(os.path.join(folder, "flags.txt")))
+        paths.append(os.path.join(folder, "checkpoints", f"{checkpoint}.keras"))
         hint = " (best.keras needs a run with --val_split)" if checkpoint == "best" else ""
-        _check(os.path.isfile(path), f"{path} does not exist{hint}.")
+        _check(os.path.isfile(paths[-1]), f"{paths[-1]} does not exist{hint}.")
     first = settings[0]
     for folder, s in zip(runs[1:], settings[1:]):
         _check(
@@ -131,11 +137,15 @@ def run(runs, labels=(), checkpoint="last", split="test", out=None, data_dir=Non
         part = source.test
     dataset = data.split_dataset(part, batch_size, augment=data.Augmenter(source.preset).eval)
 
+    def predict(path):
+        if export.is_export(path):
+            return export.predict_saved_model(path, part, batch_size)
+        return callbacks.predict(keras.models.load_model(path, compile=False), dataset)
+
     # --- Predict ---------------------------------------------------------------
     predictions, results = [], {}
     for label, folder, path in zip(labels, runs, paths):
-        model = keras.models.load_model(path, compile=False)
-        out_ = callbacks.predict(model, dataset)
+        out_ = predict(path)
         predictions.append(
             dict(label=label, logits=out_.logits, labels=out_.labels, features=out_.features)
         )
@@ -161,10 +171,7 @@ def run(runs, labels=(), checkpoint="last", split="test", out=None, data_dir=Non
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise UserError(
-            f"Unexpected arguments: {' '.join(argv[1:])} (flags take the form --name=value)."
-        )
+    cli_lib.no_arguments(argv)
     result = run(**{name: flag.value for name, flag in _FLAGS.items()})
     columns = ("top1_error", "top5_error", "ece", "aurc", "recall_at_1")
     print("run".ljust(24) + "".join(c.rjust(13) for c in columns))
@@ -173,25 +180,9 @@ def main(argv):
     print(f"Wrote {result['out']}/metrics.json and {', '.join(f'{n}.png' for n in FIGURES)}.")
 
 
-def _parse_flags(argv):
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-
-
-def _main_with_errors(argv):
-    try:
-        main(argv)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-
-
 def cli():
     _FLAGS.update(define_flags())
-    app.run(_main_with_errors, flags_parser=_parse_flags)
+    cli_lib.run(main)
 
 
 if __name__ == "__main__":

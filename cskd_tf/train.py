@@ -17,9 +17,9 @@ import os
 import sys
 import time
 
-from absl import app
 from absl import flags
 
+from cskd_tf import cli as cli_lib
 from cskd_tf.errors import UserError
 
 METHODS = ("ce", "cskd")
@@ -350,10 +350,7 @@ def _write_flagfile(path, values):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise UserError(
-            f"Unexpected arguments: {' '.join(argv[1:])} (flags take the form --name=value)."
-        )
+    cli_lib.no_arguments(argv)
     values = {name: flag.value for name, flag in _FLAGS.items()}
     result = run(**values)
     print(
@@ -365,28 +362,9 @@ def main(argv):
     )
 
 
-def _parse_flags(argv):
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-
-
-def _main_with_errors(argv):
-    try:
-        main(argv)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as err:  # A diverged run: not the user's typo, but no crash either.
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-
-
 def cli():
     _FLAGS.update(define_flags())
-    app.run(_main_with_errors, flags_parser=_parse_flags)
+    cli_lib.run(main)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ Mistakes (no metrics.json, a run given twice, no README markers) print one
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
-from cskd_tf import report
+from cskd_tf import cli, report
 from cskd_tf.errors import UserError
 
 _OUTPUT = flags.DEFINE_string("output", None, "Also write the table to this file.")
@@ -35,21 +35,5 @@ def main(argv):
         )
 
 
-def _parse_flags(argv):
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-
-
-def _main_with_errors(argv):
-    try:
-        main(argv)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    app.run(_main_with_errors, flags_parser=_parse_flags)
+    cli.run(main)
