@@ -34,6 +34,10 @@ class Predictor:
     def __init__(self, model):
         net = classifier_of(model)
         self._strategy = model.distribute_strategy
+        if isinstance(self._strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            # Each worker would see only its shard of the data: predict on this
+            # worker alone (callbacks run outside the strategy's scope).
+            self._strategy = tf.distribute.get_strategy()
         with self._strategy.scope():
             try:
                 self._net = backbones.feature_model(net)

@@ -29,7 +29,22 @@ DATASET_NAMES = {
     "mit67": "MIT67",
     "imagenet": "ImageNet",
 }
-METHOD_NAMES = {"ce": "Cross-entropy", "cskd": "CS-KD"}
+# In the paper's row order: the baselines, then CS-KD and its combinations.
+METHOD_NAMES = {
+    "ce": "Cross-entropy",
+    "adacos": "AdaCos",
+    "virtual_softmax": "Virtual-softmax",
+    "max_entropy": "Maximum-entropy",
+    "label_smoothing": "Label-smoothing",
+    "ddgsd": "DDGSD",
+    "byot": "BYOT",
+    "mixup": "Mixup",
+    "kd": "KD",
+    "cskd": "CS-KD",
+    "cskd_e": "CS-KD-E",
+    "mixup_cskd": "Mixup + CS-KD",
+    "kd_cskd": "KD + CS-KD",
+}
 
 BEGIN_MARKER = "<!-- results:begin -->"
 END_MARKER = "<!-- results:end -->"
@@ -222,7 +237,7 @@ def markdown_table(rows: list[dict]) -> str:
     workdirs = [workdir for row in rows for workdir in row["workdirs"]]
     footer = (
         "Mean ± sample standard deviation (ddof=1) over seeds, in percent; no ± with one seed. "
-        f"Paper: Yun et al., CVPR 2020, Tables 1, 5 and 6; {MISSING}: not reported. "
+        f"Paper: Yun et al., CVPR 2020, Tables 1 to 6; {MISSING}: not reported. "
         f"{len(workdirs)} run{'s' if len(workdirs) != 1 else ''}: {', '.join(workdirs)}."
     )
     return "\n".join([join(header), join(rule), *map(join, lines), "", footer]) + "\n"

@@ -115,6 +115,13 @@ def test_run_writes_metrics_flags_and_checkpoints(tmp_path):
         method="cskd",
         temperature=4.0,
         lambda_cls=1.0,
+        lambda_sample=1.0,
+        label_smoothing=0.0,
+        entropy_weight=0.0,
+        mixup_alpha=1.0,
+        teacher=None,
+        kd_alpha=0.9,
+        kd_temperature=4.0,
         epochs=2,
         batch_size=64,
         lr=0.1,
@@ -122,6 +129,9 @@ def test_run_writes_metrics_flags_and_checkpoints(tmp_path):
         weight_decay=1e-4,
         val_split=0.1,
         eval_every=1,
+        jit_compile=None,
+        mixed_precision="none",
+        strategy="auto",
         seed=0,
         workdir=str(workdir),
     )
@@ -256,3 +266,40 @@ def test_cli_diverging_run_stops_with_one_line_and_status_1(tmp_path):
     assert "error: The training loss became NaN or infinite in epoch 1" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (workdir / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_trains_with_float32_logits_and_restores_the_policy(tmp_path, policy):
+    import keras  # pylint: disable=g-import-not-at-top
+
+    result = train.run(
+        dataset="digits",
+        backbone="small_convnet",
+        epochs=1,
+        batch_size=64,
+        mixed_precision=policy,
+        workdir=str(tmp_path / "run"),
+        verbose=0,
+    )
+    net = result["model"].backbone
+    assert net.get_layer("features").dtype_policy.name == policy
+    assert net.output.dtype == "float32"
+    assert np.isfinite(result["history"]["loss"][0]) and np.isfinite(result["metrics"]["nll"])
+    assert keras.config.dtype_policy().name == "float32"
+
+
+def test_xla_compiled_training_runs(tmp_path):
+    result = train.run(
+        dataset="digits",
+        backbone="small_convnet",
+        epochs=1,
+        batch_size=64,
+        jit_compile=True,
+        workdir=str(tmp_path / "run"),
+        verbose=0,
+    )
+    assert result["model"].jit_compile is True
+    assert np.isfinite(result["history"]["loss"][0]) and np.isfinite(
+        result["history"]["cls_loss"][0]
+    )
+    assert "--jit_compile=True" in (tmp_path / "run" / "flags.txt").read_text()

@@ -117,6 +117,7 @@ def pair_dataset(
     augment=None,
     shuffle=True,
     drop_remainder=False,
+    clean=None,
 ):
     """Batches `((x, x_pair), y)` of same-class pairs, the authors' sampler.
 
@@ -132,6 +133,9 @@ def pair_dataset(
         it once, outside this call (e.g. `cskd_tf.data.Augmenter(...).train`).
       shuffle: bool. Shuffle the anchors every epoch.
       drop_remainder: bool. Drop the last, short batch of an epoch.
+      clean: callable or None. Given (e.g. `Augmenter(...).eval`), batches are
+        `((x, x_pair, x_clean), y)` with `x_clean` the anchor image without
+        random augmentation, for CS-KD-E's sample-wise term.
 
     Returns:
       A `tf.data.Dataset`; iterating it again gives the next epoch.
@@ -142,11 +146,14 @@ def pair_dataset(
     values = tf.constant(images)
     labels_t = tf.constant(labels)
     read_one = reader(kind, augment)
+    decode, augment = decoder(kind), augment or _to_float
 
     def read(anchor, partner):
-        x = read_one(tf.gather(values, anchor))
         x_pair = read_one(tf.gather(values, partner))
-        return (x, x_pair), labels_t[anchor]
+        if clean is None:
+            return (read_one(tf.gather(values, anchor)), x_pair), labels_t[anchor]
+        image = decode(tf.gather(values, anchor))  # Decoded once, viewed twice.
+        return (augment(image), x_pair, clean(image)), labels_t[anchor]
 
     ds = pair_indices(labels, seed=seed, shuffle=shuffle)
     ds = ds.map(read, num_parallel_calls=AUTOTUNE)

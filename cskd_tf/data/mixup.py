@@ -1,0 +1,64 @@
+"""Mixup as a batch transform: each batch mixed with a permutation of itself."""
+
+import tensorflow as tf
+
+
+def mix_batch(x, labels, num_classes, lam, permutation):
+    """Mixes a batch: `lam * v + (1 - lam) * v[permutation]` for inputs and one-hot labels.
+
+    Args:
+      x: float tensor `[batch, ...]`, or a tuple of them (anchors and partners),
+        all mixed with the same `lam` and `permutation`.
+      labels: int tensor `[batch]`.
+      num_classes: int.
+      lam: float scalar tensor in [0, 1].
+      permutation: int tensor `[batch]`.
+
+    Returns:
+      (mixed x, soft labels `[batch, num_classes]` float32).
+    """
+    lam = tf.cast(lam, tf.float32)
+
+    def mix(v):
+        v = tf.cast(v, tf.float32)
+        return lam * v + (1.0 - lam) * tf.gather(v, permutation)
+
+    mixed = tuple(mix(v) for v in x) if isinstance(x, (tuple, list)) else mix(x)
+    return mixed, mix(tf.one_hot(tf.cast(labels, tf.int32), num_classes))
+
+
+def mixup(dataset, num_classes, alpha=1.0, seed=0):
+    """Applies Mixup to every batch of `dataset`.
+
+    Each batch draws one `lam ~ Beta(alpha, alpha)` and one permutation
+    (Zhang et al.), from stateless draws keyed by `seed` and a per-batch random
+    number that changes every epoch: the same seed gives the same mixing.
+    With pairs `((x, x_pair), y)` the partners are mixed with the anchors'
+    `lam` and permutation, so the partner of a mixed anchor is the same mix of
+    the two anchors' partners: CS-KD's class-wise term then applies to mixed
+    inputs and mixed labels, as in the paper's Table 3.
+
+    Args:
+      dataset: tf.data.Dataset of batches `(x, y)` or `((x, x_pair), y)`, integer labels.
+      num_classes: int.
+      alpha: float > 0. Beta parameter (1.0 for CIFAR in Zhang et al.).
+      seed: int.
+
+    Returns:
+      tf.data.Dataset of the same batches with mixed inputs and soft labels `[batch, C]`.
+
+    Reference: Zhang et al., "mixup: Beyond Empirical Risk Minimization", ICLR 2018.
+    """
+    keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+
+    def transform(batch, key):
+        x, labels = batch
+        seeds = tf.random.experimental.stateless_split(tf.stack([tf.cast(seed, tf.int64), key]), 3)
+        # Beta(a, a) as the ratio of two Gamma(a) draws.
+        g1 = tf.random.stateless_gamma([], seeds[0], alpha)
+        g2 = tf.random.stateless_gamma([], seeds[1], alpha)
+        lam = g1 / (g1 + g2)
+        permutation = tf.argsort(tf.random.stateless_uniform(tf.shape(labels)[:1], seeds[2]))
+        return mix_batch(x, labels, num_classes, lam, permutation)
+
+    return tf.data.Dataset.zip((dataset, keys)).map(transform, num_parallel_calls=tf.data.AUTOTUNE)

@@ -1,0 +1,190 @@
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from cskd_tf import distributed
+from cskd_tf import train
+from cskd_tf.errors import UserError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# One worker of a two-worker cluster: CS-KD on fixed pairs through fit_multi_worker.
+WORKER = """
+import sys
+import numpy as np
+import keras
+import tensorflow as tf
+
+from cskd_tf import distributed
+from cskd_tf import optim
+from cskd_tf.model import CSKDModel
+from cskd_tf import backbones
+
+strategy = distributed.make_strategy("multi_worker")  # First: it configures the runtime.
+sys.path.insert(0, sys.argv[3])
+from test_distributed import fixed_pairs, build
+
+chief = distributed.is_chief(strategy)
+with strategy.scope():
+    model = build()
+callbacks = []
+if chief:
+    callbacks = [keras.callbacks.ModelCheckpoint(sys.argv[1] + "/last.keras")]
+history = distributed.fit_multi_worker(model, fixed_pairs(), epochs=2, callbacks=callbacks, verbose=0)
+np.save(sys.argv[2], np.concatenate([w.numpy().ravel() for w in model.backbone.weights]))
+print("LOSS", history.history["loss"][-1], "CHIEF", chief)
+"""
+
+SHAPE, CLASSES = (4, 4, 1), 3
+
+
+def fixed_pairs(n=40, batch_size=8):
+    """Five global batches of fixed anchors and partners."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, *SHAPE)).astype(np.float32)
+    x_pair = rng.normal(size=(n, *SHAPE)).astype(np.float32)
+    y = rng.integers(0, CLASSES, size=n)
+    return tf.data.Dataset.from_tensor_slices(((x, x_pair), y)).batch(batch_size)
+
+
+def build():
+    """CS-KD on an MLP (no batch-norm) with the paper's SGD: momentum and coupled decay."""
+    from cskd_tf import backbones  # pylint: disable=g-import-not-at-top
+    from cskd_tf import optim  # pylint: disable=g-import-not-at-top
+    from cskd_tf.model import CSKDModel  # pylint: disable=g-import-not-at-top
+
+    keras.utils.set_random_seed(0)
+    model = CSKDModel(backbones.get("mlp", CLASSES, SHAPE), temperature=4.0, lambda_cls=2.0)
+    model.compile(
+        optimizer=optim.CoupledWeightDecaySGD(0.1, momentum=0.9, coupled_weight_decay=1e-3),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def launch(command_for, tmp_path, count=2, timeout=240):
+    """Starts `count` workers on loopback ports; returns their completed processes."""
+    ports = free_ports(count)
+    cluster = {"worker": [f"localhost:{p}" for p in ports]}
+    procs = []
+    for index in range(count):
+        config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        env = dict(
+            os.environ,
+            TF_CONFIG=json.dumps(config),
+            TF_CPP_MIN_LOG_LEVEL="3",
+            PYTHONPATH=str(ROOT),
+            CUDA_VISIBLE_DEVICES="",
+        )
+        procs.append(
+            subprocess.Popen(
+                command_for(index),
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    results = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)
+            results.append((proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            proc.kill()
+    return results
+
+
+@pytest.mark.slow
+def test_two_workers_end_with_the_weights_of_one_process(tmp_path):
+    folders = [tmp_path / f"w{i}" for i in range(2)]
+    for folder in folders:
+        folder.mkdir()
+    tests = str(pathlib.Path(__file__).parent)
+    results = launch(
+        lambda i: [sys.executable, "-c", WORKER, str(folders[i]), str(folders[i] / "w.npy"), tests],
+        tmp_path,
+    )
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+    # One process, the same global batches, Keras' own fit.
+    model = build()
+    history = model.fit(fixed_pairs(), epochs=2, verbose=0, shuffle=False).history
+    expected = np.concatenate([w.numpy().ravel() for w in model.backbone.weights])
+    for folder in folders:
+        np.testing.assert_allclose(np.load(folder / "w.npy"), expected, rtol=1e-5, atol=1e-6)
+    # The logged loss is the global one, not a worker's share.
+    for _, out, _ in results:
+        loss = float(out.split("LOSS ")[1].split()[0])
+        assert loss == pytest.approx(history["loss"][-1], rel=1e-5)
+    # Only the chief (worker 0) wrote its checkpoint.
+    assert "CHIEF True" in results[0][1] and "CHIEF False" in results[1][1]
+    assert (folders[0] / "last.keras").exists()
+    assert sorted(os.listdir(folders[1])) == ["w.npy"]
+
+
+@pytest.mark.slow
+def test_training_command_runs_on_two_workers_and_the_chief_writes_the_run(tmp_path):
+    workdir = tmp_path / "run"
+
+    def command(index):
+        # A shared file system: both name the same folder, only the chief writes it.
+        return [
+            sys.executable,
+            "-m",
+            "cskd_tf.train",
+            "--flagfile=" + str(ROOT / "configs/smoke.flags"),
+            "--strategy=multi_worker",
+            "--epochs=2",
+            f"--workdir={workdir}",
+        ]
+
+    results = launch(command, ROOT)
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert metrics["num_examples"] == 359 and 0 <= metrics["top1_error"] <= 1
+    assert "--strategy=multi_worker" in (workdir / "flags.txt").read_text()
+    history = (workdir / "history.csv").read_text().splitlines()
+    assert len(history) == 3  # A header and two epochs.
+    assert f"Wrote {workdir}/metrics.json" in results[0][1]
+    assert "Wrote" not in results[1][1]
+
+
+def test_strategy_names_are_the_training_flags_and_unknown_ones_are_refused():
+    assert distributed.STRATEGIES == train.STRATEGIES
+    with pytest.raises(UserError, match="Unknown strategy 'nope'"):
+        distributed.make_strategy("nope")
+
+
+def test_multi_worker_without_tf_config_says_what_is_missing(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(UserError, match="TF_CONFIG environment variable, which is not set"):
+        distributed.make_strategy("multi_worker")
+
+
+def test_single_machine_strategies():
+    assert isinstance(distributed.make_strategy("one_device"), tf.distribute.OneDeviceStrategy)
+    mirrored = distributed.make_strategy("mirrored")
+    assert isinstance(mirrored, tf.distribute.MirroredStrategy)
+    assert distributed.is_chief(mirrored) and not distributed.is_multi_worker(mirrored)
