@@ -307,9 +307,10 @@ def predict_saved_model(export_dir, split, batch_size=256):
       batch_size: int.
 
     Returns:
-      cskd_tf.callbacks.Predictions. Its `logits` are the log of the served
-      probabilities (so a fitted temperature counts), clipped at the smallest
-      positive float32.
+      cskd_tf.callbacks.Predictions. Its `logits` are the served logits divided
+      by the export's temperature, so that their softmax is the served
+      `probabilities` (a fitted temperature counts) without the underflow of
+      taking the log of a probability.
     """
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
@@ -320,11 +321,12 @@ def predict_saved_model(export_dir, split, batch_size=256):
     serve, serve_bytes, features = (
         loaded.signatures[name] for name in ("serving_default", "serve_bytes", "features")
     )
-    channels = read_info(export_dir)["input"]["shape"][-1]
-    probs, feats, labels = [], [], []
+    info = read_info(export_dir)
+    channels, temperature = info["input"]["shape"][-1], info["temperature"]
+    logits, feats, labels = [], [], []
     if split.kind == "pixels":
         for x, y in data.split_dataset(split, batch_size):  # Raw pixels as float32.
-            probs.append(serve(images=x)["probabilities"].numpy())
+            logits.append(serve(images=x)["logits"].numpy())
             feats.append(features(images=x)["features"].numpy())
             labels.append(y.numpy())
     else:
@@ -335,12 +337,11 @@ def predict_saved_model(export_dir, split, batch_size=256):
         if split.kind == "path":
             ds = ds.map(lambda v, y: (tf.io.read_file(v), y))
         for encoded, y in ds.batch(batch_size):
-            probs.append(serve_bytes(images=encoded)["probabilities"].numpy())
+            logits.append(serve_bytes(images=encoded)["logits"].numpy())
             for one in encoded:
                 image = tf.io.decode_image(one, channels=channels, expand_animations=False)
                 pixels = tf.cast(image, tf.float32)[None]
                 feats.append(features(images=pixels)["features"].numpy())
             labels.append(y.numpy())
-    probs = np.concatenate(probs)
-    logits = np.log(np.maximum(probs, np.finfo(np.float32).tiny))
+    logits = np.concatenate(logits) / temperature
     return callbacks.Predictions(logits, np.concatenate(feats), np.concatenate(labels))
