@@ -128,8 +128,13 @@ class EvaluationCallback(keras.callbacks.Callback):
         last = self.params.get("epochs") if self.params else None
         return epoch == 0 or (epoch + 1) % self.every == 0 or epoch + 1 == last
 
+    def on_train_begin(self, logs=None):
+        self._first = True
+
     def on_epoch_end(self, epoch, logs=None):
-        if logs is None or not self.due(epoch):
+        # The first epoch of every `fit` is scored too (a resumed run starts late), for CSVLogger.
+        first, self._first = getattr(self, "_first", True), False
+        if logs is None or not (first or self.due(epoch)):
             return
         if not np.isfinite(logs.get("loss", 0.0)):  # Diverged: nothing worth scoring.
             return

@@ -12,7 +12,8 @@ def _parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except flags.Error as err:
-        print(f"error: {err}", file=sys.stderr)
+        message = str(err).removeprefix("ERROR:: ")  # absl's prefix for unreadable flagfiles.
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

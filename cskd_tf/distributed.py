@@ -70,7 +70,9 @@ def is_chief(strategy):
     return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in cluster
 
 
-def fit_multi_worker(model, dataset, epochs, callbacks=(), verbose=2):
+def fit_multi_worker(
+    model, dataset, epochs, callbacks=(), verbose=2, initial_epoch=0, steps_per_epoch=None
+):
     """Trains `model` on `dataset` under its multi-worker strategy; returns the `History`.
 
     Every worker builds the same global-batch dataset (same seed); each keeps
@@ -85,6 +87,9 @@ def fit_multi_worker(model, dataset, epochs, callbacks=(), verbose=2):
       epochs: int.
       callbacks: list of keras.callbacks.Callback. Give file-writing ones to the chief only.
       verbose: int. 0, 1 (progress bar) or 2 (one line per epoch).
+      initial_epoch: int. The epoch to start at (as in `fit`: `epochs` is the last one).
+      steps_per_epoch: int or None. As in `fit`: None iterates `dataset` anew
+        every epoch; an int takes that many batches per epoch from one pass over it.
 
     Returns:
       keras.callbacks.History.
@@ -110,15 +115,19 @@ def fit_multi_worker(model, dataset, epochs, callbacks=(), verbose=2):
         model=model,
         epochs=epochs,
         verbose=verbose,
-        steps=None,
+        steps=steps_per_epoch,
     )
     model.stop_training = False
     callback_list.on_train_begin()
     logs = {}
-    for epoch in range(epochs):
+    iterator = iter(batches) if steps_per_epoch else None
+    for epoch in range(initial_epoch, epochs):
         model.reset_metrics()
         callback_list.on_epoch_begin(epoch)
-        for index, batch in enumerate(batches):
+        epoch_batches = (
+            (next(iterator) for _ in range(steps_per_epoch)) if iterator is not None else batches
+        )
+        for index, batch in enumerate(epoch_batches):
             callback_list.on_train_batch_begin(index)
             step(batch)
             # Reading a metric all-reduces it over every replica of every worker.

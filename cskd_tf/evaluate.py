@@ -88,7 +88,6 @@ def run(runs, labels=(), checkpoint="last", split="test", out=None, data_dir=Non
     Returns:
       dict with `metrics` ({label: metrics}), `figures` ({name: path}) and `out`.
     """
-    import keras  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
 
     from cskd_tf import callbacks  # pylint: disable=g-import-not-at-top
@@ -96,7 +95,7 @@ def run(runs, labels=(), checkpoint="last", split="test", out=None, data_dir=Non
     from cskd_tf import export  # pylint: disable=g-import-not-at-top
     from cskd_tf import figures  # pylint: disable=g-import-not-at-top
     from cskd_tf import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-    from cskd_tf import model as _  # pylint: disable=g-import-not-at-top,unused-import  # Registers CSKDModel for load_model.
+    from cskd_tf import saving  # pylint: disable=g-import-not-at-top
     from cskd_tf import train  # pylint: disable=g-import-not-at-top
 
     # --- Arguments -------------------------------------------------------------
@@ -140,7 +139,7 @@ def run(runs, labels=(), checkpoint="last", split="test", out=None, data_dir=Non
     def predict(path):
         if export.is_export(path):
             return export.predict_saved_model(path, part, batch_size)
-        return callbacks.predict(keras.models.load_model(path, compile=False), dataset)
+        return callbacks.predict(saving.load_model(path), dataset)
 
     # --- Predict ---------------------------------------------------------------
     predictions, results = [], {}
@@ -150,7 +149,13 @@ def run(runs, labels=(), checkpoint="last", split="test", out=None, data_dir=Non
             dict(label=label, logits=out_.logits, labels=out_.labels, features=out_.features)
         )
         results[label] = dict(
-            metrics_lib.classification_metrics(out_.logits, out_.labels, features=out_.features),
+            metrics_lib.classification_metrics(
+                out_.logits,
+                out_.labels,
+                features=out_.features,
+                groups=source.groups,
+                group_names=source.group_names,
+            ),
             run=folder,
             checkpoint=path,
             split=split,

@@ -183,7 +183,7 @@ def export(workdir, export_dir, checkpoint="last", calibrate=False, batch_size=2
     import cskd_tf  # pylint: disable=g-import-not-at-top
     from cskd_tf import callbacks  # pylint: disable=g-import-not-at-top
     from cskd_tf import data  # pylint: disable=g-import-not-at-top
-    from cskd_tf import model as _  # pylint: disable=g-import-not-at-top,unused-import  # Registers CSKDModel.
+    from cskd_tf import saving  # pylint: disable=g-import-not-at-top
     from cskd_tf import train  # pylint: disable=g-import-not-at-top
 
     # --- Arguments -------------------------------------------------------------
@@ -215,7 +215,7 @@ def export(workdir, export_dir, checkpoint="last", calibrate=False, batch_size=2
 
     # --- Model and data --------------------------------------------------------
     source = data.load(settings["dataset"], settings["data_dir"])
-    model = keras.models.load_model(path, compile=False)
+    model = saving.load_model(path)
     backbone = callbacks.classifier_of(model)
     calibration = _calibration(model, source, settings, batch_size) if calibrate else None
     temperature = calibration["temperature"] if calibration else 1.0

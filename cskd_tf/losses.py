@@ -27,13 +27,29 @@ def class_wise_kl(logits, pair_logits, temperature=4.0):
     Reference: Yun et al., "Regularizing Class-wise Predictions via
     Self-knowledge Distillation", CVPR 2020, eq. (1).
     """
-    logits = tf.cast(logits, tf.float32)
-    pair_logits = tf.stop_gradient(tf.cast(pair_logits, tf.float32))
-    log_p = tf.nn.log_softmax(logits / temperature, axis=-1)
-    log_q = tf.nn.log_softmax(pair_logits / temperature, axis=-1)
-    kl = tf.reduce_sum(tf.exp(log_q) * (log_q - log_p), axis=-1)
     # T^2 keeps the gradient's scale independent of T (Hinton et al., 2015).
-    return temperature**2 * kl
+    return temperature**2 * kl_divergence(tf.stop_gradient(pair_logits), logits, temperature)
+
+
+def kl_divergence(target_logits, logits, temperature=1.0):
+    """`KL(softmax(target_logits / T) || softmax(logits / T))` per example, gradient through both.
+
+    The plain divergence, without `T^2` and without a fixed target: the ICLR
+    submission's sample-wise term `L_sam` is written this way (both
+    distributions from the trained network). From `log_softmax`, so finite for
+    any logits.
+
+    Args:
+      target_logits: float tensor `[batch, classes]`. Logits of the target distribution.
+      logits: float tensor `[batch, classes]`. Logits of the distribution fitted to it.
+      temperature: float. `T > 0`.
+
+    Returns:
+      A float32 tensor `[batch]`.
+    """
+    log_q = tf.nn.log_softmax(tf.cast(target_logits, tf.float32) / temperature, axis=-1)
+    log_p = tf.nn.log_softmax(tf.cast(logits, tf.float32) / temperature, axis=-1)
+    return tf.reduce_sum(tf.exp(log_q) * (log_q - log_p), axis=-1)
 
 
 def cross_entropy(logits, labels, label_smoothing=0.0):

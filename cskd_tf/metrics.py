@@ -30,7 +30,9 @@ def negative_log_likelihood(logits, labels):
     return float(-np.mean(log_probs[np.arange(len(labels)), np.asarray(labels)]))
 
 
-def classification_metrics(logits, labels, features=None, num_bins=20):
+def classification_metrics(
+    logits, labels, features=None, num_bins=20, groups=None, group_names=None
+):
     """What every run reports, as fractions.
 
     Args:
@@ -39,10 +41,19 @@ def classification_metrics(logits, labels, features=None, num_bins=20):
       features: optional float array `[N, D]` of pooled penultimate features;
         given, `recall_at_1` is reported too.
       num_bins: int. ECE bins (the paper uses 20).
+      groups: optional int sequence `[C]`, the coarse group of each fine label
+        (`DataSource.groups`); given (and not empty), the hierarchical metrics
+        below are reported too.
+      group_names: optional sequence of str, the name of each group
+        (`DataSource.group_names`), used in the keys; group indices if None or empty.
 
     Returns:
       dict with `top1_error`, `top5_error`, `nll` (nats), `ece`, `aurc`,
-      `recall_at_1` (with features) and `num_examples`.
+      `recall_at_1` (with features) and `num_examples`. With groups, also
+      `hierarchical_accuracy` and, for each group `<g>` with test examples,
+      `group_hierarchical_accuracy_<g>` (its row of `hierarchical_confusion`'s
+      diagonal, the paper's Figure 4a/b) and `group_top1_error_<g>` (fine-label
+      top-1 error over the examples of that true group, Figure 4c).
     """
     probs = special.softmax(np.asarray(logits, np.float64), axis=-1)
     results = {
@@ -55,7 +66,92 @@ def classification_metrics(logits, labels, features=None, num_bins=20):
     }
     if features is not None:
         results["recall_at_1"] = recall_at_k(features, labels, k=1)
+    if groups is not None and len(groups):
+        results.update(_group_metrics(logits, labels, groups, group_names))
     return results
+
+
+def _group_metrics(logits, labels, groups, group_names=None):
+    """The hierarchical entries of `classification_metrics`."""
+    groups = _check_groups(logits, groups)
+    labels = np.asarray(labels)
+    num_groups = int(groups.max()) + 1
+    names = list(group_names) if group_names is not None and len(group_names) else []
+    if names and len(names) < num_groups:
+        raise ValueError(f"group_names has {len(names)} entries for {num_groups} groups.")
+    names = names or [str(g) for g in range(num_groups)]
+    true_groups = groups[labels]
+    confusion = hierarchical_confusion(logits, labels, groups, num_groups)
+    results = {"hierarchical_accuracy": hierarchical_accuracy(logits, labels, groups)}
+    for g in range(num_groups):
+        members = true_groups == g
+        if members.any():  # A group with no test examples has no rate.
+            results[f"group_hierarchical_accuracy_{names[g]}"] = float(confusion[g, g])
+            results[f"group_top1_error_{names[g]}"] = top_k_error(
+                np.asarray(logits)[members], labels[members], 1
+            )
+    return results
+
+
+def _check_groups(logits, groups):
+    groups = np.asarray(groups, np.int64)
+    num_classes = np.shape(logits)[-1]
+    if groups.shape != (num_classes,):
+        raise ValueError(
+            f"groups has shape {groups.shape}; expected one group per class, ({num_classes},)."
+        )
+    if groups.min() < 0:
+        raise ValueError("groups must be non-negative.")
+    return groups
+
+
+def hierarchical_accuracy(logits_or_probs, labels, groups):
+    """Fraction of examples whose predicted fine label lies in the true label's group.
+
+    The hierarchy label is predicted as that of the predicted (arg-max) fine label
+    (CVPR 2020, section 3.3): a wrong fine label inside the right group counts as
+    correct.
+
+    Args:
+      logits_or_probs: float array `[N, C]` (any monotone score).
+      labels: int array `[N]` of fine labels.
+      groups: int sequence `[C]`. The group of each fine label.
+
+    Returns:
+      float in [0, 1].
+    """
+    groups = _check_groups(logits_or_probs, groups)
+    predicted = np.argmax(np.asarray(logits_or_probs), axis=-1)
+    return float(np.mean(groups[predicted] == groups[np.asarray(labels)]))
+
+
+def hierarchical_confusion(logits, labels, groups, num_groups=None):
+    """Row-normalised confusion of true group (rows) against predicted group (columns).
+
+    Entry `[i, j]` is the fraction of the examples of group `i` whose predicted
+    fine label is in group `j`; the diagonal is each group's hierarchical
+    accuracy (CVPR 2020, Figure 4a/b). A group with no examples has a row of zeros,
+    as in `sklearn.metrics.confusion_matrix(..., normalize="true")`.
+
+    Args:
+      logits: float array `[N, C]` (any monotone score).
+      labels: int array `[N]` of fine labels.
+      groups: int sequence `[C]`. The group of each fine label.
+      num_groups: int or None. `G`; `max(groups) + 1` if None.
+
+    Returns:
+      float array `[G, G]`.
+    """
+    groups = _check_groups(logits, groups)
+    num_groups = int(groups.max()) + 1 if num_groups is None else int(num_groups)
+    if num_groups <= groups.max():
+        raise ValueError(f"num_groups is {num_groups}, but groups holds {groups.max()}.")
+    true = groups[np.asarray(labels)]
+    predicted = groups[np.argmax(np.asarray(logits), axis=-1)]
+    counts = np.bincount(true * num_groups + predicted, minlength=num_groups**2)
+    counts = counts.reshape(num_groups, num_groups).astype(np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
 
 
 def expected_calibration_error(probs, labels, num_bins=20):

@@ -5,6 +5,8 @@ import tensorflow as tf
 
 from cskd_tf import losses
 
+SAMPLE_FORMS = ("cvpr", "iclr")
+
 
 def _num_replicas():
     return tf.distribute.get_strategy().num_replicas_in_sync
@@ -42,9 +44,50 @@ class _Classifier(keras.Model):
             loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         super().compile(optimizer=optimizer, loss=loss, **kwargs)
 
+    def get_config(self):
+        config = super().get_config()
+        config.update(backbone=keras.saving.serialize_keras_object(self.backbone))
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
+        return cls(**config)
+
+
+class _PairedClassifier(_Classifier):
+    """A `_Classifier` trained on batches `((x, x_other, ...), y)`: evaluation and Keras'
+    symbolic build take the first element `x` alone; `TRAINING_LOGS` are the loss parts that
+    only `train_step` computes."""
+
+    TRAINING_LOGS = ()
+
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if _is_pair(x):  # A paired dataset evaluates on its first elements.
+            x = x[0]
+        logits = self(x, training=False)
+        ce = self._compute_loss(
+            x=x, y=y, y_pred=logits, sample_weight=sample_weight, training=False
+        )
+        self._loss_tracker.update_state(ce * _num_replicas(), sample_weight=tf.shape(logits)[0])
+        logs = self.compute_metrics(x, y, logits, sample_weight=sample_weight)
+        return {k: v for k, v in logs.items() if k not in self.TRAINING_LOGS}
+
+    def _symbolic_build(self, iterator=None, data_batch=None):
+        # Under a distribution strategy Keras builds the compiled loss and metrics
+        # by calling the model on the first element of the data, which for `fit`
+        # is the tuple `(x, x_other, ...)`: give it `x` alone.
+        if data_batch is not None:
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data_batch)
+            if _is_pair(x):
+                data_batch = (x[0], y, sample_weight)
+        return super()._symbolic_build(iterator=iterator, data_batch=data_batch)
+
 
 @keras.saving.register_keras_serializable(package="cskd_tf")
-class CSKDModel(_Classifier):
+class CSKDModel(_PairedClassifier):
     """Wraps a classifier so that `fit` trains it with CS-KD.
 
     `call` is the backbone's, so `predict`, `evaluate` and export see a plain
@@ -63,7 +106,11 @@ class CSKDModel(_Classifier):
     * the sample-wise term of CS-KD-E (paper eq. 3), `lambda_sample * T^2 *
       KL(softmax(f~(x_clean)/T) || softmax(f(x)/T))`, on batches
       `((x, x_pair, x_clean), y)` where `x_clean` is the same image as `x`
-      without augmentation (`pair_dataset(..., clean=...)`);
+      without augmentation (`pair_dataset(..., clean=...)`). With
+      `sample_form="iclr"` it is the ICLR submission's `lambda_sam *
+      KL(P(y|x_clean; theta, T) || P(y|x; theta, T))` instead: no `T^2`, and
+      the gradient flows through both views (the submission writes `theta`,
+      not the fixed copy, for both);
     * knowledge distillation from a fixed `teacher` (Hinton et al., 2015):
       the loss becomes `(1 - kd_alpha) * CE + kd_alpha * T_kd^2 * KL(teacher ||
       student)` plus the CS-KD terms.
@@ -83,6 +130,7 @@ class CSKDModel(_Classifier):
       lambda_cls: float. Weight `lambda_cls >= 0` of the class-wise term
         (paper default 1; 3 for CUB-200-2011).
       lambda_sample: float. Weight `lambda_E >= 0` of the sample-wise term (CS-KD-E).
+      sample_form: str. `cvpr` (the paper's eq. 3) or `iclr` (the submission's `L_sam`).
       teacher: keras.Model or None. A fixed classifier distilled into this one.
       kd_alpha: float in [0, 1]. Weight of the distillation term.
       kd_temperature: float > 0. Temperature of the distillation term.
@@ -92,12 +140,15 @@ class CSKDModel(_Classifier):
     Self-knowledge Distillation", CVPR 2020, section 2 and Algorithm 1.
     """
 
+    TRAINING_LOGS = ("ce_loss", "cls_loss", "sample_loss", "kd_loss")
+
     def __init__(
         self,
         backbone,
         temperature=4.0,
         lambda_cls=1.0,
         lambda_sample=0.0,
+        sample_form="cvpr",
         teacher=None,
         kd_alpha=0.0,
         kd_temperature=4.0,
@@ -112,12 +163,17 @@ class CSKDModel(_Classifier):
             raise ValueError(f"lambda_sample must be >= 0, got {lambda_sample}.")
         if not 0 <= kd_alpha <= 1 or (kd_alpha > 0 and teacher is None):
             raise ValueError(f"kd_alpha must be in [0, 1] and needs a teacher, got {kd_alpha}.")
+        if sample_form not in SAMPLE_FORMS:
+            raise ValueError(
+                f"sample_form must be one of {', '.join(SAMPLE_FORMS)}, got {sample_form!r}."
+            )
         if not kd_temperature > 0:
             raise ValueError(f"kd_temperature must be > 0, got {kd_temperature}.")
         self.backbone = backbone
         self.temperature = float(temperature)
         self.lambda_cls = float(lambda_cls)
         self.lambda_sample = float(lambda_sample)
+        self.sample_form = sample_form
         self._teacher = _Untracked(teacher)
         if teacher is not None:
             teacher.trainable = False
@@ -166,9 +222,8 @@ class CSKDModel(_Classifier):
 
         # Targets: training-mode passes as in the reference, no gradient.
         pair_logits = tf.stop_gradient(self(x_pair, training=True)) if x_pair is not None else None
-        clean_logits = (
-            tf.stop_gradient(self(x_clean, training=True)) if self.lambda_sample else None
-        )
+        fixed_clean = self.lambda_sample and self.sample_form == "cvpr"
+        clean_logits = tf.stop_gradient(self(x_clean, training=True)) if fixed_clean else None
         teacher_logits = (
             tf.stop_gradient(self.teacher(x, training=False)) if self.teacher is not None else None
         )
@@ -185,6 +240,10 @@ class CSKDModel(_Classifier):
                 loss += self.lambda_cls * parts["cls"]
             if clean_logits is not None:
                 parts["sample"] = term(losses.class_wise_kl(logits, clean_logits, self.temperature))
+                loss += self.lambda_sample * parts["sample"]
+            elif self.lambda_sample:  # The ICLR form: the clean view's pass is differentiated.
+                clean = self(x_clean, training=True)
+                parts["sample"] = term(losses.kl_divergence(clean, logits, self.temperature))
                 loss += self.lambda_sample * parts["sample"]
             if teacher_logits is not None:
                 parts["kd"] = term(
@@ -204,37 +263,13 @@ class CSKDModel(_Classifier):
             trackers[name].update_state(value * _num_replicas(), sample_weight=batch)
         return self.compute_metrics(x, y, logits, sample_weight=sample_weight)
 
-    def test_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        if _is_pair(x):  # A paired dataset evaluates on its anchors.
-            x = x[0]
-        logits = self(x, training=False)
-        ce = self._compute_loss(
-            x=x, y=y, y_pred=logits, sample_weight=sample_weight, training=False
-        )
-        self._loss_tracker.update_state(ce * _num_replicas(), sample_weight=tf.shape(logits)[0])
-        logs = self.compute_metrics(x, y, logits, sample_weight=sample_weight)
-        # Only the training step computes the two parts of the loss.
-        parts = ("ce_loss", "cls_loss", "sample_loss", "kd_loss")
-        return {k: v for k, v in logs.items() if k not in parts}
-
-    def _symbolic_build(self, iterator=None, data_batch=None):
-        # Under a distribution strategy Keras builds the compiled loss and metrics
-        # by calling the model on the first element of the data, which for `fit`
-        # is the pair `(x, x_pair)`: give it the anchors alone.
-        if data_batch is not None:
-            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data_batch)
-            if _is_pair(x):
-                data_batch = (x[0], y, sample_weight)
-        return super()._symbolic_build(iterator=iterator, data_batch=data_batch)
-
     def get_config(self):
         config = super().get_config()
         config.update(
-            backbone=keras.saving.serialize_keras_object(self.backbone),
             temperature=self.temperature,
             lambda_cls=self.lambda_cls,
             lambda_sample=self.lambda_sample,
+            sample_form=self.sample_form,
             kd_alpha=self.kd_alpha,
             kd_temperature=self.kd_temperature,
         )
@@ -244,10 +279,9 @@ class CSKDModel(_Classifier):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
         if config.get("kd_alpha"):  # Saved without its teacher: reloads as a plain student.
             config["kd_alpha"] = 0.0
-        return cls(**config)
+        return super().from_config(config)
 
 
 @keras.saving.register_keras_serializable(package="cskd_tf")
@@ -306,13 +340,6 @@ class HeadModel(_Classifier):
         classes = self.backbone.output.shape[-1]
         return self.compute_metrics(x, y, logits[:, :classes], sample_weight=sample_weight)
 
-    def get_config(self):
-        config = super().get_config()
-        config.update(backbone=keras.saving.serialize_keras_object(self.backbone))
-        return config
-
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
-        backbone = keras.saving.deserialize_keras_object(config.pop("backbone"))
-        return cls(backbone, None, **config)
+        return super().from_config({**config, "head": None})

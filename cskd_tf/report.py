@@ -28,6 +28,7 @@ DATASET_NAMES = {
     "stanford_dogs": "Stanford Dogs",
     "mit67": "MIT67",
     "imagenet": "ImageNet",
+    "mixed": "Mixed (CUB + Dogs + MIT67)",
 }
 # In the paper's row order: the baselines, then CS-KD and its combinations.
 METHOD_NAMES = {
@@ -42,6 +43,7 @@ METHOD_NAMES = {
     "kd": "KD",
     "cskd": "CS-KD",
     "cskd_e": "CS-KD-E",
+    "cskd_sam": "CS-KD + L_sam (ICLR)",
     "mixup_cskd": "Mixup + CS-KD",
     "kd_cskd": "KD + CS-KD",
 }

@@ -9,6 +9,9 @@ checkpoints and `metrics.json` (test top-1 / top-5 error, NLL, ECE, AURC and
 recall@1, fractions). Every `--eval_every` epochs the same metrics of the
 validation split (`val_*`; or, without one, of the test split as `test_*`, for
 curves only: nothing is selected on them) go into the history and TensorBoard.
+
+Rerunning the same command with the same `--workdir` resumes an interrupted run
+from its last checkpoint (`cskd_tf.checkpointing`) and leaves a finished one as it is.
 """
 
 import contextlib
@@ -34,10 +37,14 @@ METHODS = {
     "mixup": dict(mixup=True),
     "mixup_cskd": dict(pairs=True, mixup=True),
     "cskd_e": dict(pairs=True, clean=True),
+    "cskd_sam": dict(pairs=True, clean=True, sample_form="iclr"),
     "kd": dict(teacher=True),
     "kd_cskd": dict(pairs=True, teacher=True),
     "adacos": dict(head="adacos"),
     "virtual_softmax": dict(head="virtual_softmax"),
+    # Two augmented views of each image (the "partner" is the anchor itself).
+    "ddgsd": dict(pairs=True, partner="self", model="ddgsd"),
+    "byot": dict(model="byot"),
 }
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")  # cskd_tf.distributed's.
@@ -53,6 +60,8 @@ DEFAULTS = {
     "mit67": dict(backbone="resnet18", epochs=200, batch_size=32),
     "imagenet": dict(backbone="resnet50", epochs=90, batch_size=256),
     "folder": dict(backbone="resnet18", epochs=200, batch_size=32),
+    # Section 3.3: CUB + Dogs + MIT67, 30 per label; the fine-grained sets' recipe.
+    "mixed": dict(backbone="resnet18", epochs=200, batch_size=32),
 }
 
 
@@ -68,7 +77,8 @@ def define_flags(flag_values=flags.FLAGS):
             "digits",
             "Data set: digits (offline demo), "
             "cifar100, cub, stanford_dogs, imagenet (tfds), "
-            "tiny_imagenet, mit67, folder (image folders).",
+            "tiny_imagenet, mit67, folder (image folders), mixed (CUB + Dogs from tfds, "
+            "MIT67 from DATA_DIR/mit67: the paper's hierarchical set).",
         ),
         data_dir=string(
             "data_dir",
@@ -85,14 +95,17 @@ def define_flags(flag_values=flags.FLAGS):
             "cskd",
             list(METHODS),
             "Training objective: ce, cskd, label_smoothing, max_entropy (confidence penalty), "
-            "mixup, mixup_cskd, cskd_e (CS-KD + sample-wise term), kd, kd_cskd (with --teacher), "
-            "adacos, virtual_softmax.",
+            "mixup, mixup_cskd, cskd_e (CS-KD + the CVPR paper's sample-wise term), cskd_sam "
+            "(+ the ICLR submission's L_sam), kd, kd_cskd (with --teacher), adacos, "
+            "virtual_softmax, ddgsd, byot.",
             **fv,
         ),
         temperature=real("temperature", 4.0, "CS-KD temperature T."),
         lambda_cls=real("lambda_cls", 1.0, "Weight of the class-wise term."),
         lambda_sample=real(
-            "lambda_sample", 1.0, "cskd_e: weight lambda_E of the sample-wise term."
+            "lambda_sample",
+            1.0,
+            "cskd_e, cskd_sam: weight (lambda_E, lambda_sam) of the sample-wise term.",
         ),
         label_smoothing=real(
             "label_smoothing",
@@ -154,6 +167,26 @@ def define_flags(flag_values=flags.FLAGS):
             **fv,
         ),
         seed=integer("seed", 0, "Random seed (weights, sampler, augmentation)."),
+        deterministic=flags.DEFINE_bool(
+            "deterministic",
+            False,
+            "TensorFlow op determinism: the same command gives bit-identical weights, and a "
+            "resumed run ends with exactly the weights of an uninterrupted one (slower on GPUs).",
+            **fv,
+        ),
+        run_eagerly=flags.DEFINE_bool(
+            "run_eagerly",
+            False,
+            "Debugging: run the training step eagerly, without tf.function (slow on big data; "
+            "quick for one step of a big model, as the configs' tests do).",
+            **fv,
+        ),
+        save_every_steps=integer(
+            "save_every_steps",
+            500,
+            "Save the resume state every this many steps (and after every epoch); 0: only "
+            "after every epoch. A killed run loses at most the steps since the last save.",
+        ),
         workdir=string("workdir", None, "Run folder; unset: runs/DATASET-METHOD-sSEED."),
     )
 
@@ -217,6 +250,9 @@ def run(
     mixed_precision="none",
     strategy="auto",
     seed=0,
+    deterministic=False,
+    save_every_steps=500,
+    run_eagerly=False,
     workdir=None,
     verbose=None,
 ):
@@ -228,15 +264,22 @@ def run(
     Under `strategy="multi_worker"` every worker runs this function; only the
     chief validates and writes the run folder and evaluates.
 
+    An existing `workdir` written by this function with the same flags is
+    resumed from its newest checkpoint (model, optimizer, schedule position,
+    epoch and step, best metric, history); a finished one is left as it is.
+
     Returns:
-      dict with `history` (Keras' per-epoch logs), `metrics` (what
+      dict with `history` (per-epoch logs of the whole run), `metrics` (what
       `metrics.json` holds; None on a worker that is not the chief),
-      `workdir` and `model`.
+      `workdir`, `model` (None when the run had already finished) and `resumed`
+      (the global step it continued from; None for a new run; `"finished"` when
+      the run had already finished and nothing was done).
     """
     # Imported here so that `--help` and flag errors answer at once.
     import keras  # pylint: disable=g-import-not-at-top
 
     from cskd_tf import backbones  # pylint: disable=g-import-not-at-top
+    from cskd_tf import checkpointing  # pylint: disable=g-import-not-at-top
     from cskd_tf import callbacks as callbacks_lib  # pylint: disable=g-import-not-at-top
     from cskd_tf import data  # pylint: disable=g-import-not-at-top
     from cskd_tf import distributed  # pylint: disable=g-import-not-at-top
@@ -247,6 +290,9 @@ def run(
     from cskd_tf import heads  # pylint: disable=g-import-not-at-top
     from cskd_tf.model import CSKDModel  # pylint: disable=g-import-not-at-top
     from cskd_tf.model import HeadModel  # pylint: disable=g-import-not-at-top
+    from cskd_tf import saving  # pylint: disable=g-import-not-at-top
+    from cskd_tf.byot import BYOTModel  # pylint: disable=g-import-not-at-top
+    from cskd_tf.ddgsd import DDGSDModel  # pylint: disable=g-import-not-at-top
     from cskd_tf.optim import CoupledWeightDecaySGD, step_schedule  # pylint: disable=g-import-not-at-top
 
     # --- Arguments -------------------------------------------------------------
@@ -293,6 +339,7 @@ def run(
     _check(0 <= val_split < 1, f"--val_split must be in [0, 1), got {val_split}.")
     _check(weight_decay >= 0, f"--weight_decay must be >= 0, got {weight_decay}.")
     _check(eval_every >= 0, f"--eval_every must be >= 0, got {eval_every}.")
+    _check(save_every_steps >= 0, f"--save_every_steps must be >= 0, got {save_every_steps}.")
     _check(
         mixed_precision in PRECISIONS,
         f"Unknown --mixed_precision '{mixed_precision}'. Choose one of: {', '.join(PRECISIONS)}.",
@@ -301,11 +348,6 @@ def run(
     strategy_name, strategy = strategy, distributed.make_strategy(strategy)
     chief = distributed.is_chief(strategy)
     workdir = workdir or os.path.join("runs", f"{dataset}-{method}-s{seed}")
-    _check(
-        not chief or not (os.path.isdir(workdir) and os.listdir(workdir)),
-        f"The run folder {workdir} already exists and is not empty: pass "
-        f"another --workdir or remove it.",
-    )
     resolved = dict(
         dataset=dataset,
         data_dir=data_dir,
@@ -331,9 +373,24 @@ def run(
         mixed_precision=mixed_precision,
         strategy=strategy_name,
         seed=seed,
+        deterministic=deterministic,
+        save_every_steps=save_every_steps,
+        run_eagerly=run_eagerly,
         workdir=workdir,
     )
+    folder = _run_folder(workdir, resolved) if chief else "new"
+    if folder == "finished":
+        print(f"{workdir} is a finished run (metrics.json): nothing to do.")
+        with open(os.path.join(workdir, "metrics.json")) as f:
+            results = json.load(f)
+        return dict(history=None, metrics=results, workdir=workdir, model=None, resumed="finished")
+    store = checkpointing.ResumeStore(os.path.join(workdir, "checkpoints"))
+    state = store.read_state() if folder == "resume" or not chief else None
     keras.utils.set_random_seed(seed)
+    if deterministic:
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+        tf.config.experimental.enable_op_determinism()
 
     # --- Data ------------------------------------------------------------------
     source = data.load(dataset, data_dir)
@@ -350,34 +407,46 @@ def run(
         batch_size <= len(train),
         f"--batch_size {batch_size} is larger than the {len(train)} training examples.",
     )
+    for name, split in (("training", train), ("test", test), ("validation", val)):
+        _check_labels(split, source.num_classes, name, dataset)
     augmenter = data.Augmenter(source.preset, seed=seed)
     steps_per_epoch = math.ceil(len(train) / batch_size)
-    if needs.get("pairs"):
-        if isinstance(train, sources.Split):
-            train_ds = data.pair_dataset(
+    streamed = not isinstance(train, sources.Split)
+    _check(
+        not (streamed and needs.get("clean")),
+        f"--method={method} needs the clean view of each anchor, which the streamed "
+        f"data set '{dataset}' does not provide.",
+    )
+    _check(
+        not (streamed and needs.get("partner")),
+        f"--method={method} needs two views of each image, which the streamed data set "
+        f"'{dataset}' does not provide.",
+    )
+
+    def train_batches(epoch_range, skip):
+        """The training batches of the epochs in `epoch_range`, less `skip` of the first."""
+        common = dict(seed=seed, augment=augmenter.train, epochs=epoch_range, skip=skip)
+        if needs.get("pairs") and streamed:
+            ds = data.stream_pair_dataset(train.make(), batch_size, kind=train.kind, **common)
+        elif needs.get("pairs"):
+            ds = data.pair_dataset(
                 train.values,
                 train.labels,
                 batch_size,
-                seed=seed,
                 kind=train.kind,
-                augment=augmenter.train,
                 clean=augmenter.eval if needs.get("clean") else None,
+                partner=needs.get("partner", "class"),
+                **common,
             )
         else:
-            _check(
-                not needs.get("clean"),
-                f"--method={method} needs the clean view of each anchor, which the streamed "
-                f"data set '{dataset}' does not provide.",
+            ds = data.split_dataset(train, batch_size, shuffle=True, **common)
+        if needs.get("mixup"):
+            first = epoch_range.start * steps_per_epoch + skip
+            ds = mixup_lib.mixup(
+                ds, source.num_classes, alpha=mixup_alpha, seed=seed, first_batch=first
             )
-            train_ds = data.stream_pair_dataset(
-                train.make(), batch_size, seed=seed, kind=train.kind, augment=augmenter.train
-            )
-    else:
-        train_ds = data.split_dataset(
-            train, batch_size, seed=seed, augment=augmenter.train, shuffle=True
-        )
-    if needs.get("mixup"):
-        train_ds = mixup_lib.mixup(train_ds, source.num_classes, alpha=mixup_alpha, seed=seed)
+        return ds
+
     test_ds = data.split_dataset(test, batch_size, augment=augmenter.eval)
     val_ds = (
         data.split_dataset(val, batch_size, augment=augmenter.eval)
@@ -390,7 +459,7 @@ def run(
         net = backbones.get(backbone, source.num_classes, augmenter.input_shape)
         teacher_model = None
         if teacher:
-            teacher_model = keras.models.load_model(teacher, compile=False)
+            teacher_model = saving.load_model(teacher)
             teacher_model = callbacks_lib.classifier_of(teacher_model)
             _check(
                 tuple(teacher_model.output.shape[1:]) == (source.num_classes,)
@@ -399,12 +468,20 @@ def run(
                 f"{teacher_model.output.shape[1:]}, but '{dataset}' needs "
                 f"{augmenter.input_shape} to ({source.num_classes},).",
             )
-        if needs.get("pairs") or teacher_model is not None:
+        if needs.get("model") == "ddgsd":
+            model = DDGSDModel(net, temperature=temperature)
+        elif needs.get("model") == "byot":
+            try:
+                model = BYOTModel(net)
+            except ValueError as err:  # A backbone without stages (the MLP).
+                raise UserError(f"--method=byot cannot use --backbone={backbone}: {err}") from None
+        elif needs.get("pairs") or teacher_model is not None:
             model = CSKDModel(
                 net,
                 temperature=temperature,
                 lambda_cls=lambda_cls if needs.get("pairs") else 0.0,
                 lambda_sample=lambda_sample if needs.get("clean") else 0.0,
+                sample_form=needs.get("sample_form", "cvpr"),
                 teacher=teacher_model,
                 kd_alpha=kd_alpha if teacher_model is not None else 0.0,
                 kd_temperature=kd_temperature,
@@ -428,91 +505,226 @@ def run(
                 else keras.metrics.SparseCategoricalAccuracy(name="accuracy")
             ],
             jit_compile="auto" if jit_compile is None else jit_compile,
+            run_eagerly=run_eagerly,
         )
+
+        # --- Resume ------------------------------------------------------------
+        if state is not None:
+            _check(
+                state.get("num_classes") == source.num_classes,
+                f"The run folder {workdir} was trained on {state.get('num_classes')} classes, "
+                f"but '{dataset}' now has {source.num_classes}: pass another --workdir.",
+            )
+            try:
+                store.restore(model)
+            except (ValueError, OSError) as err:
+                raise UserError(
+                    f"The checkpoint in {store.latest()} does not fit this model ({err}); "
+                    f"pass another --workdir."
+                ) from None
+    first_epoch, first_step = (state["epoch"], state["step"]) if state else (0, 0)
 
     # --- Callbacks -------------------------------------------------------------
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
-    if not chief:  # Another worker: trains in step with the chief, writes nothing.
-        history = distributed.fit_multi_worker(
-            model, train_ds, epochs, [keras.callbacks.TerminateOnNaN()], verbose=0
-        )
-        _check_finite(history.history, epochs, "the chief's run folder")
-        return dict(history=history.history, metrics=None, workdir=None, model=model)
-    # Everything is validated: only now does the run folder appear.
-    os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
-    _write_flagfile(os.path.join(workdir, "flags.txt"), resolved)
+    monitor = "val_top1_error" if val_ds is not None and eval_every else None
+    checkpoints = os.path.join(workdir, "checkpoints")
+    run_checkpoint = checkpointing.RunCheckpoint(
+        checkpoints,
+        steps_per_epoch,
+        every_steps=save_every_steps,
+        state=state,
+        monitor=monitor,
+        info=dict(num_classes=source.num_classes, dataset=dataset, backbone=backbone),
+        save=chief,
+    )
     callbacks = []
-    if eval_every:
-        # First in the list, so that the checkpoints and loggers below see its metrics.
+    if eval_every and chief:
+        # Before the checkpoints and loggers, so that they see its metrics.
         monitored, prefix = (val_ds, "val_") if val_ds is not None else (test_ds, "test_")
         callbacks.append(callbacks_lib.EvaluationCallback(monitored, eval_every, prefix))
-    callbacks += [
-        keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv")),
-        keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard"), profile_batch=0),
-        keras.callbacks.ModelCheckpoint(os.path.join(workdir, "checkpoints", "last.keras")),
-    ]
-    if val_ds is not None and eval_every:
+    callbacks.append(run_checkpoint)
+    if chief:
+        # Everything is validated: only now does the run folder appear.
+        os.makedirs(checkpoints, exist_ok=True)
+        store.clean()  # What a killed save may have left.
+        flags_path = os.path.join(workdir, "flags.txt")
+        if not os.path.isfile(flags_path):
+            _write_flagfile(flags_path, resolved)
         callbacks.append(
-            keras.callbacks.ModelCheckpoint(
-                os.path.join(workdir, "checkpoints", "best.keras"),
-                monitor="val_top1_error",
-                mode="min",
-                save_best_only=True,
+            keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard"), profile_batch=0)
+        )
+
+    created = chief and folder == "new"
+    with _on_failure(workdir if created else None, store, [train, test, val]):
+        # --- Fit -------------------------------------------------------------------
+        start = time.time()
+        # The validation split is scored by the EvaluationCallback (one pass for
+        # every metric), not by Keras' own validation loop. An epoch interrupted
+        # midway is finished first, on its own, then the remaining epochs.
+        parts = [(first_epoch, first_epoch + 1, first_step)] if first_step else []
+        parts.append((first_epoch + bool(first_step), epochs, 0))
+        for begin, end, skip in parts:
+            if begin >= end or run_checkpoint.diverged_at is not None:
+                continue
+            batches = train_batches(range(begin, end), skip)
+            if distributed.is_multi_worker(strategy):  # Keras 3.15's fit fails there (#20585).
+                distributed.fit_multi_worker(
+                    model,
+                    batches,
+                    end,
+                    callbacks,
+                    verbose if chief else 0,
+                    initial_epoch=begin,
+                    steps_per_epoch=steps_per_epoch - skip,
+                )
+            else:
+                model.fit(
+                    batches,
+                    epochs=end,
+                    initial_epoch=begin,
+                    steps_per_epoch=steps_per_epoch - skip,
+                    shuffle=False,
+                    callbacks=callbacks,
+                    verbose=verbose,
+                )
+        train_seconds = time.time() - start
+        if chief and first_epoch >= epochs:  # Killed between the last epoch's two saves.
+            checkpointing.atomic_save_model(model, os.path.join(checkpoints, "last.keras"))
+        if run_checkpoint.diverged_at is not None:
+            step, good = run_checkpoint.diverged_at, store.read_state()
+            kept = (
+                f"the last good checkpoint (step {good['global_step']}) is in {checkpoints}"
+                if good
+                else "no checkpoint had been saved yet"
             )
+            raise FloatingPointError(
+                f"The training loss became NaN or infinite at step {step} (epoch "
+                f"{(step - 1) // steps_per_epoch + 1}); {kept} (lower --lr or check the data)."
+            )
+        history = {k: [epoch.get(k) for epoch in run_checkpoint.history]
+                   for k in run_checkpoint.history[-1]}  # fmt: skip
+        if not chief:  # Another worker: trained in step with the chief, writes nothing.
+            return dict(history=history, metrics=None, workdir=None, model=model, resumed=None)
+
+        # --- Evaluate --------------------------------------------------------------
+        # Last-epoch figures on the test split, as REFERENCE.md asks: nothing here
+        # is selected on the test set.
+        predictor = callbacks_lib.Predictor(model)
+
+        def score(dataset):
+            out = predictor(dataset)
+            return metrics_lib.classification_metrics(
+                out.logits,
+                out.labels,
+                features=out.features,
+                groups=source.groups,
+                group_names=source.group_names,
+            )
+
+        results = score(test_ds)
+        if val_ds is not None:
+            results.update({f"val_{k}": v for k, v in score(val_ds).items()})
+        results.update(
+            epochs=epochs,
+            train_seconds=round(train_seconds, 2) if state is None else None,
+            train_examples=len(train),
+            method=method,
+            dataset=dataset,
+            backbone=backbone,
+            seed=seed,
         )
 
-    # --- Fit -------------------------------------------------------------------
-    start = time.time()
-    # The validation split is scored by the EvaluationCallback (one pass for
-    # every metric), not by Keras' own validation loop.
-    if distributed.is_multi_worker(strategy):  # Keras 3.15's fit fails there (#20585).
-        history = distributed.fit_multi_worker(model, train_ds, epochs, callbacks, verbose)
-    else:
-        history = model.fit(
-            train_ds, epochs=epochs, shuffle=False, callbacks=callbacks, verbose=verbose
+        # --- Save ------------------------------------------------------------------
+        # Written last, and atomically: its presence marks the run finished.
+        checkpointing.atomic_write_text(
+            os.path.join(workdir, "metrics.json"), json.dumps(results, indent=2, sort_keys=True)
         )
-    train_seconds = time.time() - start
-    _check_finite(history.history, epochs, f"{workdir}/checkpoints")
+        resumed = state["global_step"] if state else None
+        return dict(history=history, metrics=results, workdir=workdir, model=model, resumed=resumed)
 
-    # --- Evaluate --------------------------------------------------------------
-    # Last-epoch figures on the test split, as REFERENCE.md asks: nothing here
-    # is selected on the test set.
-    predictor = callbacks_lib.Predictor(model)
 
-    def score(dataset):
-        out = predictor(dataset)
-        return metrics_lib.classification_metrics(out.logits, out.labels, features=out.features)
-
-    results = score(test_ds)
-    if val_ds is not None:
-        results.update({f"val_{k}": v for k, v in score(val_ds).items()})
-    results.update(
-        epochs=epochs,
-        train_seconds=round(train_seconds, 2),
-        train_examples=len(train),
-        method=method,
-        dataset=dataset,
-        backbone=backbone,
-        seed=seed,
+def _check_labels(split, num_classes, name, dataset):
+    """Raises UserError if a split held in memory has labels outside [0, num_classes)."""
+    labels = getattr(split, "labels", None)
+    if labels is None or not len(labels):
+        return
+    low, high = int(labels.min()), int(labels.max())
+    _check(
+        0 <= low and high < num_classes,
+        f"The {name} split of '{dataset}' has labels from {low} to {high}, outside the "
+        f"{num_classes} classes [0, {num_classes - 1}].",
     )
 
-    # --- Save ------------------------------------------------------------------
-    with open(os.path.join(workdir, "metrics.json"), "w") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
-    return dict(history=history.history, metrics=results, workdir=workdir, model=model)
+
+@contextlib.contextmanager
+def _on_failure(new_workdir, store, splits):
+    """Turns an undecodable image into a UserError naming it; removes a new run's folder if
+    training stops on a user error or divergence before its first checkpoint."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    from cskd_tf.data import sources  # pylint: disable=g-import-not-at-top
+
+    try:
+        try:
+            yield
+        except tf.errors.InvalidArgumentError as err:
+            if not any(word in str(err) for word in ("decode", "image", "JPEG", "PNG")):
+                raise  # Not a decoding failure: no need to scan the data.
+            bad = [f for split in splits if split is not None for f in sources.unreadable(split)]
+            if not bad:
+                raise
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise UserError(
+                f"Cannot decode the image {bad[0]}{more}: remove or replace it, then rerun the "
+                f"same command (an interrupted run resumes)."
+            ) from err
+    except (UserError, FloatingPointError):
+        if new_workdir is not None and store.latest() is None:
+            import shutil  # pylint: disable=g-import-not-at-top
+
+            shutil.rmtree(new_workdir, ignore_errors=True)
+        raise
 
 
-def _check_finite(history, epochs, checkpoints):
-    import numpy as np  # pylint: disable=g-import-not-at-top
+# Flags that may change when a run resumes: where and how fast it runs, not what it computes.
+_FREE_ON_RESUME = ("workdir", "data_dir", "jit_compile", "eval_every", "save_every_steps",
+                   "strategy", "deterministic", "run_eagerly")  # fmt: skip
 
-    losses = history.get("loss", [])
-    if len(losses) < epochs or not np.all(np.isfinite(losses)):
-        raise FloatingPointError(
-            f"The training loss became NaN or infinite in epoch {len(losses)}; "
-            f"the last good checkpoint is in {checkpoints}."
+
+def _run_folder(workdir, resolved):
+    """What `workdir` holds: `new` (nothing yet), `resume` (this run, started) or `finished`.
+
+    Raises:
+      UserError: if it holds something else, or a run started with other flags.
+    """
+    if not os.path.isdir(workdir) or not os.listdir(workdir):
+        _check(
+            not os.path.exists(workdir) or os.path.isdir(workdir),
+            f"--workdir={workdir} is a file, not a folder.",
         )
+        return "new"
+    flags_path = os.path.join(workdir, "flags.txt")
+    _check(
+        os.path.isfile(flags_path),
+        f"The folder {workdir} is not empty and is not a run folder (no flags.txt): pass "
+        f"another --workdir or remove it.",
+    )
+    previous = read_flagfile(flags_path)
+    changed = [
+        name
+        for name, value in resolved.items()
+        if name not in _FREE_ON_RESUME and str(previous.get(name)) != str(value)
+    ]
+    _check(
+        not changed,
+        f"The run folder {workdir} was started with "
+        + ", ".join(f"--{n}={previous.get(n)}" for n in changed)
+        + ", not "
+        + ", ".join(f"--{n}={resolved[n]}" for n in changed)
+        + f": rerun with --flagfile={flags_path} to resume it, or pass another --workdir.",
+    )
+    return "finished" if os.path.isfile(os.path.join(workdir, "metrics.json")) else "resume"
 
 
 def read_flagfile(path):
@@ -546,6 +758,8 @@ def main(argv):
     result = run(**values)
     if result["metrics"] is None:  # A worker of a multi-worker run: the chief reports.
         print("This worker is done; the chief wrote the run folder.")
+        return
+    if result["resumed"] == "finished":  # run() said so.
         return
     print(
         f"Wrote {result['workdir']}/metrics.json: "

@@ -9,3 +9,14 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 # Must run before TensorFlow initialises its devices, hence at import time.
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(_cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `exhaustive` run only with CSKD_TF_EXHAUSTIVE=1 (they repeat code paths
+    that other tests already run, on other data)."""
+    if os.environ.get("CSKD_TF_EXHAUSTIVE") == "1":
+        return
+    kept = [item for item in items if "exhaustive" not in item.keywords]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if "exhaustive" in i.keywords])
+        items[:] = kept

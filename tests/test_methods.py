@@ -166,6 +166,47 @@ def test_cskd_e_step_equals_its_objective_written_out():
     assert set(history) == {"loss", "ce_loss", "cls_loss", "sample_loss"}
 
 
+def test_iclr_sample_form_step_equals_its_objective_with_gradient_through_both_views():
+    x, x_pair, x_clean, y = batch()
+
+    def objective(net):
+        logits = net(x)
+        ce = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        cls = losses.class_wise_kl(logits, net(x_pair), 4.0)
+        # The submission's L_sam: KL(P(x_clean) || P(x_aug)) at T, no T^2, both differentiated.
+        sample = losses.kl_divergence(net(x_clean), logits, 4.0)
+        return tf.reduce_mean(ce) + tf.reduce_mean(cls) + 0.5 * tf.reduce_mean(sample)
+
+    expected, loss = expected_weights(objective)
+    model = CSKDModel(mlp(), temperature=4.0, lambda_sample=0.5, sample_form="iclr")
+    history = sgd_step(model, tf.data.Dataset.from_tensors(((x, x_pair, x_clean), y)))
+    assert_weights(model, expected)
+    assert history["loss"][0] == pytest.approx(float(loss), rel=1e-5)
+    assert CSKDModel.from_config(model.get_config()).sample_form == "iclr"
+
+
+def test_kl_divergence_by_hand_and_its_gradient_reaches_both_sides():
+    # T = 1, target (ln 3, 0) -> q = (3/4, 1/4); logits (0, 0) -> p = (1/2, 1/2).
+    expected = 0.75 * np.log(1.5) + 0.25 * np.log(0.5)
+    got = losses.kl_divergence([[np.log(3.0), 0.0]], [[0.0, 0.0]]).numpy()[0]
+    assert got == pytest.approx(expected, rel=1e-6)
+    # T^2 * KL at T with a fixed target is exactly class_wise_kl.
+    logits, _ = random_logits()
+    target, _ = random_logits(seed=1)
+    np.testing.assert_allclose(
+        16.0 * losses.kl_divergence(target, logits, 4.0),
+        losses.class_wise_kl(logits, target, 4.0),
+        rtol=1e-5,
+    )
+    target = tf.Variable(target)
+    with tf.GradientTape() as tape:
+        value = tf.reduce_sum(losses.kl_divergence(target, logits))
+    assert np.abs(tape.gradient(value, target).numpy()).sum() > 0
+    with tf.GradientTape() as tape:
+        value = tf.reduce_sum(losses.class_wise_kl(logits, target))
+    assert tape.gradient(value, target) is None
+
+
 def test_identical_views_give_a_zero_sample_wise_term():
     x, x_pair, _, y = batch()
     model = CSKDModel(
@@ -285,7 +326,7 @@ def teacher_run(tmp_path_factory):
 def test_every_method_trains_one_epoch(method, teacher_run, tmp_path):
     result = train.run(
         dataset="digits",
-        backbone="mlp",
+        backbone="small_convnet" if method == "byot" else "mlp",  # BYOT needs stages.
         method=method,
         epochs=1,
         batch_size=64,
@@ -295,8 +336,10 @@ def test_every_method_trains_one_epoch(method, teacher_run, tmp_path):
     )
     history = result["history"]
     assert np.isfinite(history["loss"][0]) and 0 <= history["accuracy"][0] <= 1
-    assert ("sample_loss" in history) == (method == "cskd_e")
+    assert ("sample_loss" in history) == (method in ("cskd_e", "cskd_sam"))
     assert ("kd_loss" in history) == method.startswith("kd")
+    assert ("consistency_loss" in history) == (method == "ddgsd")
+    assert ("aux_kd_loss" in history) == (method == "byot")
     plain = ("ce", "label_smoothing", "max_entropy", "mixup", "adacos", "virtual_softmax")
     assert ("ce_loss" in history) == (method not in plain)
     assert result["metrics"]["num_examples"] == 359

@@ -1,5 +1,6 @@
 """configs/paper/*.flags: they parse, hold the paper's numbers, and are what the generator writes."""
 
+import contextlib
 import importlib.util
 import os
 import pathlib
@@ -9,6 +10,7 @@ import pytest
 from absl import flags
 
 from cskd_tf import backbones
+from cskd_tf import data
 from cskd_tf import paper
 from cskd_tf import train
 from cskd_tf.data import sources
@@ -55,9 +57,10 @@ def header_numbers(line):
 
 
 def test_there_are_paper_configs():
-    # Table 1: 6 methods x 2 backbones x 5 sets = 60; Table 3 adds 2 x 5 (Mixup), Table 4
-    # 4 x 5 (ResNet-10 student), Table 6 1 x 5 (CS-KD-E); Tables 2 and 6 share the rest.
-    assert len(CONFIGS) == 60 + 10 + 20 + 5
+    # Table 1: 6 methods x 2 backbones x 5 sets = 60; Table 2 adds 2 x 5 (DDGSD, BYOT), Table 3
+    # 2 x 5 (Mixup), Table 4 4 x 5 (ResNet-10 student), Table 6 1 x 5 (CS-KD-E); the rest are
+    # shared.
+    assert len(CONFIGS) == 60 + 10 + 10 + 20 + 5
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
@@ -150,7 +153,7 @@ def test_paper_numbers_spot_checks():
     assert top1("mit67", "resnet18", "adacos") == (42.66, 0.43)
     assert top1("tiny_imagenet", "preact_resnet18", "max_entropy") == (41.77, 0.13)
     assert top1("cifar100", "densenet121", "virtual_softmax") == (23.66, 0.10)
-    # Table 2 (not implemented, kept as data).
+    # Table 2.
     assert top1("cub", "resnet18", "ddgsd") == (41.17, 1.28)
     assert top1("cub", "resnet18", "byot") == (40.76, 0.39)
     # Table 3.
@@ -199,3 +202,101 @@ def test_paper_rows_are_complete():
     assert set(counts.values()) == {len(DATASETS)}
     # Table 1: 4 baselines x 2 backbones; Table 2: 2; Table 3: 2; Table 4: 4; Table 6: CS-KD-E.
     assert len(counts) == 4 * 2 + 2 + 2 + 4 + 1
+
+
+# --- Every flagfile runs ---------------------------------------------------------------------
+
+ALL_FLAGFILES = sorted((ROOT / "configs").glob("*.flags")) + CONFIGS
+_TFDS_SETS = {"cifar100", "cub", "stanford_dogs", "imagenet", "mixed"}
+
+
+def _representatives():
+    """The flagfiles that together run every code path: one per (input size, backbone,
+    method), and one per data set. The others differ from one of these only in the data set
+    (classes, source), which another representative runs."""
+    chosen, keys, datasets = set(), set(), set()
+    for path in ALL_FLAGFILES:
+        values = parse_flagfile(path)
+        dataset = sources.ALIASES.get(values["dataset"], values["dataset"])
+        backbone = values["backbone"] or train.DEFAULTS[dataset]["backbone"]
+        presets = {**{k: v[2] for k, v in sources.TFDS.items()}, **sources.FOLDERS}
+        preset = presets.get(dataset, "imagenet" if dataset == "mixed" else dataset)
+        key = (data.PRESETS[preset].size, backbone, values["method"])
+        if key not in keys or dataset not in datasets:
+            chosen.add(path)
+        keys.add(key)
+        datasets.add(dataset)
+    return chosen
+
+
+_REPRESENTATIVES = _representatives()
+# Every flagfile runs one step with CSKD_TF_EXHAUSTIVE=1 (about 17 minutes on 2 CPU cores);
+# by default, to keep CI short, the representatives (about 5 minutes).
+_ONE_STEP = [
+    pytest.param(p, marks=() if p in _REPRESENTATIVES else pytest.mark.exhaustive)
+    for p in ALL_FLAGFILES
+]
+
+
+def _tree(root, classes=2, size=(20, 24)):
+    """Image folders with one training and one test image per class."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            image = rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)
+            (folder / "0.png").write_bytes(tf.io.encode_png(image).numpy())
+
+
+def _teacher(path, num_classes, input_shape):
+    """A small classifier with the teacher's interface, for the KD cells' --teacher."""
+    import keras  # pylint: disable=g-import-not-at-top
+
+    inputs = keras.Input(input_shape)
+    pooled = keras.layers.GlobalAveragePooling2D()(inputs)
+    keras.Model(inputs, keras.layers.Dense(num_classes)(pooled)).save(path)
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", _ONE_STEP, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_flagfile_trains_one_step(path, tmp_path):
+    """The flagfile's data set, backbone and method, as written, for one step of two examples
+    (tfds sets under tfds.testing.mock_data, folder sets on a generated tree); only the data,
+    the size of the run and the teacher are replaced."""
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    values = parse_flagfile(path)
+    dataset = sources.ALIASES.get(values["dataset"], values["dataset"])
+    overrides = dict(epochs=1, batch_size=2, val_split=0.0, eval_every=0, run_eagerly=True,
+                     save_every_steps=0, workdir=str(tmp_path / "run"), verbose=0)  # fmt: skip
+    if dataset == "digits":  # The bundled set itself: its 1,438 training images in one batch.
+        overrides["batch_size"] = 1438
+    if dataset in sources.FOLDERS:
+        _tree(tmp_path / "data", classes=2)
+        overrides["data_dir"] = str(tmp_path / "data")
+    if dataset == "mixed":  # Two mock birds, two mock dogs and MIT67's 67 classes: one batch.
+        _tree(tmp_path / "data" / "mit67", classes=67)
+        overrides.update(data_dir=str(tmp_path / "data"), batch_size=71)
+    if values["teacher"]:
+        classes = {"cifar100": 100, "cub": 200, "stanford_dogs": 120}.get(dataset, 2)
+        shape = (32, 32, 3) if dataset in ("cifar100", "tiny_imagenet") else (224, 224, 3)
+        overrides["teacher"] = _teacher(tmp_path / "teacher.keras", classes, shape)
+    mock = tfds.testing.mock_data(num_examples=2, policy=tfds.testing.MockPolicy.USE_CODE)
+    with mock if dataset in _TFDS_SETS else contextlib.nullcontext():
+        result = train.run(**{**values, **overrides})
+    keras.backend.clear_session()
+    history = result["history"]
+    assert len(history["loss"]) == 1
+    import numpy as np  # pylint: disable=g-import-not-at-top
+
+    assert np.isfinite(history["loss"][0])
+    assert result["metrics"]["method"] == values["method"]
+    assert result["metrics"]["backbone"] == (
+        values["backbone"] or train.DEFAULTS[dataset]["backbone"]
+    )

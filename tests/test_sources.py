@@ -473,6 +473,7 @@ def test_unknown_name_lists_the_choices():
         "folder",
         "imagenet",
         "mit67",
+        "mixed",
         "stanford_dogs",
         "tiny_imagenet",
     ]

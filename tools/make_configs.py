@@ -31,12 +31,11 @@ _BASELINES = ("ce", "adacos", "virtual_softmax", "max_entropy", "label_smoothing
 TEACHER = "teacher of Table 4"
 # (paper table, backbone as the table names it, methods). "resnet18" and "resnet10" stand for
 # the PreAct ResNet on the 32x32 sets and the torchvision-style one on the 224x224 sets
-# (paper section 3.1; `cskd_tf.paper.BACKBONE_FAMILIES`). Table 2's DDGSD and BYOT are not
-# implemented.
+# (paper section 3.1; `cskd_tf.paper.BACKBONE_FAMILIES`).
 GRID = (
     ("1", "resnet18", _BASELINES),
     ("1", "densenet121", _BASELINES),
-    ("2", "resnet18", ("ce", "cskd")),
+    ("2", "resnet18", ("ce", "cskd", "ddgsd", "byot")),
     ("3", "resnet18", ("ce", "cskd", "mixup", "mixup_cskd")),
     ("4", "resnet10", ("ce", "cskd", "kd", "kd_cskd")),
     (TEACHER, "densenet121", ("cskd",)),
@@ -61,6 +60,8 @@ METHOD_NAMES = {  # As the paper's tables spell them.
     "kd": "KD",
     "kd_cskd": "KD + CS-KD",
     "cskd_e": "CS-KD-E",
+    "ddgsd": "DDGSD",
+    "byot": "BYOT",
 }
 METRIC_NAMES = {
     "top1_error": "top-1 error",
@@ -77,6 +78,8 @@ _UNSTATED = {
     "kd": "the KD weight and temperature (--kd_alpha, --kd_temperature)",
     "kd_cskd": "the KD weight and temperature (--kd_alpha, --kd_temperature)",
     "cskd_e": "lambda_E (--lambda_sample)",
+    "ddgsd": "DDGSD's weights (cskd_tf.ddgsd.DDGSDModel's defaults, T = --temperature)",
+    "byot": "BYOT's T, alpha and beta (cskd_tf.byot.BYOTModel's defaults)",
 }
 
 # Run-time guesses, not measurements: hours of cross-entropy with ResNet-18 on one V100-class
@@ -91,7 +94,15 @@ _BACKBONE_COST = {
     "preact_resnet10": 0.6,
     "densenet121": 2.5,
 }
-_METHOD_COST = {"cskd": 1.35, "mixup_cskd": 1.35, "kd_cskd": 1.35, "cskd_e": 1.7}
+# DDGSD back-propagates through both views (~2x); BYOT's auxiliary heads add ~1/4.
+_METHOD_COST = {
+    "cskd": 1.35,
+    "mixup_cskd": 1.35,
+    "kd_cskd": 1.35,
+    "cskd_e": 1.7,
+    "ddgsd": 2.0,
+    "byot": 1.25,
+}
 _TEACHER_FORWARD = _BACKBONE_COST["densenet121"] / 3
 
 
@@ -192,7 +203,7 @@ def render():
             lines.append(
                 "# --workdir is the folder that the KD cells of Table 4 read as their --teacher."
             )
-        if dataset == "cub" and needs.get("pairs"):
+        if dataset == "cub" and needs.get("pairs") and needs.get("partner") != "self":
             lines.append(
                 f"# lambda_cls = {base['lambda_cls']:g} comes from configs/cub.flags: the authors' "
                 "README trains CUB with --lamda 3; the paper only gives the grid {1, 2, 3, 4} "

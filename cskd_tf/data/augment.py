@@ -1,13 +1,20 @@
 """Per-data-set augmentation and normalisation (REFERENCE.md, "Data and augmentation").
 
-keras-cv is used here and nowhere else, for the one layer core Keras lacks: the
-random-resized crop. It is imported only by the presets that need it, since
-importing it takes several seconds.
+Every random choice (crop, flip) is a stateless function of a per-image seed
+that the pipeline derives from the run's seed, the epoch and the image's place
+in it. The draws are therefore the same whatever the order in which parallel
+`Dataset.map` calls run, and a run resumed mid-epoch makes exactly the draws
+an uninterrupted one makes.
+
+The random-resized crop is TensorFlow's `stateless_sample_distorted_bounding_box`
+with torchvision's ranges (area 8-100%, aspect ratio 3/4-4/3, 10 attempts).
+keras-cv's `RandomCropAndResize`, which this module used before, draws from a
+stateful generator that cannot be given a per-image seed, so it is no longer
+needed (see the README, "Interrupted runs and errors").
 """
 
 import dataclasses
 
-import keras
 import tensorflow as tf
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -70,15 +77,24 @@ def resize_shorter_side(image, size):
     return tf.image.resize(image, new_shape, method="bilinear", antialias=True)
 
 
+def _seeds(seed, count):
+    return tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), count))
+
+
 class Augmenter:
     """Turns one decoded uint8 image into a normalised float32 network input.
 
-    Create one per pipeline, outside `Dataset.map`: its random layers keep
-    their state between calls, so anchors and partners get independent draws.
+    `train(image, seed)` draws its crop and flip from `seed` alone (stateless);
+    the pipelines of `cskd_tf.data` hand every image view its own seed. Called
+    without one (in a user's own `Dataset.map`), it takes the next seed of a
+    random generator seeded by `seed` below: every call gets new draws, but
+    their order then depends on the order in which parallel calls run.
+
+    Create one per pipeline, outside `Dataset.map` (it owns that generator).
 
     Args:
       preset: str or Preset. One of `PRESETS`.
-      seed: int or None. Seeds the random layers.
+      seed: int or None. Seeds the generator of calls made without a per-image seed.
     """
 
     def __init__(self, preset, seed=None):
@@ -90,27 +106,11 @@ class Augmenter:
                 )
             preset = PRESETS[preset]
         self.preset = preset
-        size = preset.size
-        if preset.train_crop == "pad_crop":
-            self._crop = keras.layers.RandomCrop(size, size, seed=seed)
-        elif preset.train_crop == "resized_crop":
-            import keras_cv  # pylint: disable=g-import-not-at-top
-
-            # torchvision's RandomResizedCrop defaults: scale (0.08, 1), ratio (3/4, 4/3).
-            self._crop = keras_cv.layers.RandomCropAndResize(
-                target_size=(size, size),
-                crop_area_factor=(0.08, 1.0),
-                aspect_ratio_factor=(3 / 4, 4 / 3),
-                seed=seed,
-            )
-        else:
-            self._crop = None
-        self._flip = (
-            keras.layers.RandomFlip("horizontal", seed=None if seed is None else seed + 1)
-            if preset.flip
-            else None
+        self._generator = (
+            tf.random.Generator.from_non_deterministic_state()
+            if seed is None
+            else tf.random.Generator.from_seed(seed)
         )
-        self._center_crop = keras.layers.CenterCrop(size, size)
 
     @property
     def input_shape(self):
@@ -122,17 +122,43 @@ class Augmenter:
         std = tf.constant(self.preset.std, tf.float32)
         return (image - mean) / std
 
-    def train(self, image):
-        """Random augmentation for training, then normalisation."""
+    def _resized_crop(self, image, seed):
+        # torchvision's RandomResizedCrop: a box of 8-100% of the area and aspect ratio 3/4-4/3,
+        # resized to the input size (after 10 failed attempts, the whole image).
+        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+            tf.shape(image),
+            bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+            seed=seed,
+            min_object_covered=0.0,
+            aspect_ratio_range=(3 / 4, 4 / 3),
+            area_range=(0.08, 1.0),
+            max_attempts=10,
+            use_image_if_no_bounding_boxes=True,
+        )
+        crop = tf.slice(image, begin, size)
+        side = self.preset.size
+        return tf.image.resize(crop, (side, side), method="bilinear", antialias=True)
+
+    def train(self, image, seed=None):
+        """Random augmentation for training, then normalisation.
+
+        Args:
+          image: uint8 (or float) tensor `[H, W, C]`.
+          seed: int tensor `[2]` or None. The image's stateless seed.
+        """
         p = self.preset
+        if seed is None:
+            seed = self._generator.make_seeds(1)[:, 0]
+        crop_seed, flip_seed = _seeds(seed, 2)
         image = tf.cast(image, tf.float32)
         if p.train_crop == "pad_crop":
             # Zero padding of the raw pixels, as torchvision's RandomCrop(padding=4).
             image = tf.pad(image, [[p.pad, p.pad], [p.pad, p.pad], [0, 0]])
-        if self._crop is not None:
-            image = self._crop(image)
-        if self._flip is not None:
-            image = self._flip(image)
+            image = tf.image.stateless_random_crop(image, p.input_shape, crop_seed)
+        elif p.train_crop == "resized_crop":
+            image = self._resized_crop(image, crop_seed)
+        if p.flip:
+            image = tf.image.stateless_random_flip_left_right(image, flip_seed)
         image = tf.ensure_shape(image, p.input_shape)
         return self._normalize(image)
 
@@ -142,6 +168,14 @@ class Augmenter:
         image = tf.cast(image, tf.float32)
         if p.eval_resize is not None:
             image = resize_shorter_side(image, p.eval_resize)
-            image = self._center_crop(image)
+            image = center_crop(image, p.size)
         image = tf.ensure_shape(image, p.input_shape)
         return self._normalize(image)
+
+
+def center_crop(image, size):
+    """The central `size` x `size` window (torchvision `CenterCrop`; the image is at least that big)."""
+    shape = tf.shape(image)
+    top = (shape[0] - size) // 2
+    left = (shape[1] - size) // 2
+    return image[top : top + size, left : left + size]

@@ -27,7 +27,7 @@ def mix_batch(x, labels, num_classes, lam, permutation):
     return mixed, mix(tf.one_hot(tf.cast(labels, tf.int32), num_classes))
 
 
-def mixup(dataset, num_classes, alpha=1.0, seed=0):
+def mixup(dataset, num_classes, alpha=1.0, seed=0, first_batch=None):
     """Applies Mixup to every batch of `dataset`.
 
     Each batch draws one `lam ~ Beta(alpha, alpha)` and one permutation
@@ -43,13 +43,20 @@ def mixup(dataset, num_classes, alpha=1.0, seed=0):
       num_classes: int.
       alpha: float > 0. Beta parameter (1.0 for CIFAR in Zhang et al.).
       seed: int.
+      first_batch: int or None. None: the per-batch random numbers change every
+        time the dataset is iterated. An int: batch `i` of the dataset is keyed
+        by `first_batch + i`, so the mixing of a given training step is the same
+        whenever it runs (the dataset of a resumed run starts at its step).
 
     Returns:
       tf.data.Dataset of the same batches with mixed inputs and soft labels `[batch, C]`.
 
     Reference: Zhang et al., "mixup: Beyond Empirical Risk Minimization", ICLR 2018.
     """
-    keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    if first_batch is None:
+        keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    else:
+        keys = tf.data.Dataset.counter(first_batch)
 
     def transform(batch, key):
         x, labels = batch

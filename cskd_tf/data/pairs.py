@@ -9,12 +9,24 @@ Two modes, both yielding `((x, x_pair), y)` batches whose size counts anchors:
 * `stream_pair_dataset`: for sources that can only be streamed (tfds
   ImageNet). Partners come from small same-class windows of the shuffled
   stream; memory is bounded by `num_classes * window` encoded images.
+
+Every random choice of an epoch (anchor order, partners, each view's
+augmentation seed) is a stateless function of a key. By default each
+iteration of a dataset draws a new key, so iterating it again gives the next
+epoch, as `model.fit` expects. Given `epochs=range(first, last)`, the dataset
+instead holds exactly those epochs back to back, epoch `e` keyed by
+`(seed, e)`, optionally without its first `skip` batches: a run resumed at any
+step then sees exactly the batches an uninterrupted run would.
 """
+
+import functools
+import inspect
 
 import numpy as np
 import tensorflow as tf
 
 AUTOTUNE = tf.data.AUTOTUNE
+PARTNERS = ("class", "self")  # `pair_dataset`'s partner of an anchor: its class, or itself.
 
 
 def _identity(x):
@@ -41,17 +53,57 @@ def decoder(kind):
     raise ValueError(f"Unknown value kind '{kind}'; expected pixels, encoded or path.")
 
 
+def takes_seed(augment):
+    """Whether `augment` accepts a per-image `seed` (as `Augmenter.train` does)."""
+    try:
+        return "seed" in inspect.signature(augment).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def reader(kind, augment=None):
-    """Returns the function from one stored value to a network input: decode, then augment.
+    """Returns the function `(value, seed)` -> network input: decode, then augment.
 
     Args:
       kind: str. See `decoder`.
-      augment: callable or None. Maps one uint8 image to a network input; None
-        only casts to float32.
+      augment: callable or None. Maps one uint8 image to a network input; it
+        gets the view's stateless seed as `seed=` if it takes one. None only
+        casts to float32.
     """
     load = decoder(kind)
     augment = augment or _to_float
-    return lambda value: augment(load(value))
+    if takes_seed(augment):
+        return lambda value, seed: augment(load(value), seed=seed)
+    return lambda value, seed: augment(load(value))
+
+
+def _epoch_keys(seed, epochs, skip):
+    """`(key, skip)` per epoch: a fresh random key per iteration, or `(seed, e)` for `e` in epochs."""
+    seed = int(seed)
+    if epochs is None:
+        if skip:
+            raise ValueError("skip needs an explicit range of epochs.")
+        fresh = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
+        return fresh.map(
+            lambda r: (tf.stack([tf.constant(seed, tf.int64), r]), tf.constant(0, tf.int64))
+        )
+    if not isinstance(epochs, range) or epochs.step != 1 or not len(epochs):
+        raise ValueError(f"epochs must be a non-empty range(first, last), got {epochs!r}.")
+    first = epochs.start
+
+    def key(epoch):
+        return (
+            tf.stack([tf.constant(seed, tf.int64), epoch]),
+            tf.where(epoch == first, tf.constant(skip, tf.int64), 0),
+        )
+
+    return tf.data.Dataset.range(epochs.start, epochs.stop).map(key)
+
+
+def _draws(key, index, shape, dtype=tf.int64):
+    """Full-range random integers of one epoch, the `index`-th stream of its key."""
+    seed = tf.random.experimental.stateless_fold_in(key, index)
+    return tf.random.stateless_uniform(shape, seed, minval=None, maxval=None, dtype=dtype)
 
 
 def class_index(labels):
@@ -71,40 +123,59 @@ def class_index(labels):
     return order, starts, counts
 
 
-def pair_indices(labels, seed=0, shuffle=True):
+def _epoch_pairs(labels, shuffle, partner):
+    """`key -> (anchors, partners, seeds)` of one epoch: int64 `[N]`, `[N]` and `[N, 2, 2]`."""
+    if partner not in PARTNERS:
+        raise ValueError(f"Unknown partner '{partner}'; expected one of: {', '.join(PARTNERS)}.")
+    labels = np.asarray(labels, np.int64)
+    n = len(labels)
+    order, starts, counts = class_index(labels)
+    labels_t = tf.constant(labels)
+    order_t, starts_t, counts_t = (tf.constant(a, tf.int64) for a in (order, starts, counts))
+
+    def make(key):
+        anchors = tf.range(n, dtype=tf.int64)
+        if shuffle:
+            anchors = tf.random.experimental.stateless_shuffle(anchors, _draws(key, 0, [2]))
+        if partner == "self":
+            partners = anchors
+        else:
+            y = tf.gather(labels_t, anchors)
+            # The modulo bias is below counts / 2^63: negligible.
+            offset = tf.math.floormod(tf.abs(_draws(key, 1, [n]) // 2), tf.gather(counts_t, y))
+            partners = tf.gather(order_t, tf.gather(starts_t, y) + offset)
+        # One stateless seed per view (anchor, partner) of every element.
+        return anchors, partners, tf.reshape(_draws(key, 2, [n, 4]), [n, 2, 2])
+
+    return make
+
+
+def pair_indices(labels, seed=0, shuffle=True, partner="class", epochs=None):
     """An epoch of `(anchor, partner)` index pairs; each iteration is a new epoch.
 
     Anchors are all indices, shuffled; each partner is drawn uniformly from
     all indices of the anchor's class, the anchor included (so a class with a
     single sample pairs with itself), as in the authors' sampler. The same seed
-    gives the same sequence of epochs.
+    gives the same sequence of epochs. With `partner="self"` every anchor is
+    its own partner (DDGSD's two views of one image); the anchor order is the same.
 
     Args:
       labels: int array `[N]`.
       seed: int. Seeds the anchor order and the partner draws.
       shuffle: bool. Shuffle the anchors (False keeps their order).
+      partner: str. `class` (a random sample of the anchor's class) or `self`.
+      epochs: range or None. See the module docstring.
 
     Returns:
       A `tf.data.Dataset` of int64 scalar pairs `(anchor, partner)`.
     """
-    labels = np.asarray(labels, np.int64)
-    order, starts, counts = class_index(labels)
-    labels_t = tf.constant(labels)
-    order_t, starts_t, counts_t = (tf.constant(a, tf.int64) for a in (order, starts, counts))
+    make = _epoch_pairs(labels, shuffle, partner)
 
-    anchors = tf.data.Dataset.range(len(labels))
-    if shuffle:
-        anchors = anchors.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-    # One random int64 per anchor, new for every epoch.
-    draws = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
+    def epoch(key, skip):
+        anchors, partners, _ = make(key)
+        return tf.data.Dataset.from_tensor_slices((anchors, partners)).skip(skip)
 
-    def partner(anchor, draw):
-        y = labels_t[anchor]
-        # The modulo bias is below counts / 2^63: negligible.
-        offset = tf.math.floormod(draw, counts_t[y])
-        return anchor, order_t[starts_t[y] + offset]
-
-    return tf.data.Dataset.zip(anchors, draws).map(partner)
+    return _epoch_keys(seed, epochs, 0).flat_map(epoch)
 
 
 def pair_dataset(
@@ -118,6 +189,9 @@ def pair_dataset(
     shuffle=True,
     drop_remainder=False,
     clean=None,
+    partner="class",
+    epochs=None,
+    skip=0,
 ):
     """Batches `((x, x_pair), y)` of same-class pairs, the authors' sampler.
 
@@ -126,19 +200,24 @@ def pair_dataset(
         (`"encoded"`) or file paths (`"path"`).
       labels: int array `[N]`.
       batch_size: int. Anchors per batch (a step sees as many partners).
-      seed: int. Seeds anchor order and partner choice.
+      seed: int. Seeds anchor order, partner choice and augmentation.
       kind: str. How to read one value: `pixels`, `encoded` or `path`.
       augment: callable or None. Maps one image to a network input; applied to
-        anchor and partner separately, so each gets its own random draw. Create
-        it once, outside this call (e.g. `cskd_tf.data.Augmenter(...).train`).
+        anchor and partner separately, each with its own stateless `seed=` if
+        it takes one (e.g. `cskd_tf.data.Augmenter(...).train`).
       shuffle: bool. Shuffle the anchors every epoch.
       drop_remainder: bool. Drop the last, short batch of an epoch.
       clean: callable or None. Given (e.g. `Augmenter(...).eval`), batches are
         `((x, x_pair, x_clean), y)` with `x_clean` the anchor image without
         random augmentation, for CS-KD-E's sample-wise term.
+      partner: str. `class` (CS-KD's same-class partner) or `self`: `x_pair` is
+        then a second, independently augmented view of the anchor's image (DDGSD).
+      epochs: range or None. None: each iteration is the next epoch. A range:
+        exactly those epochs, back to back (see the module docstring).
+      skip: int. Batches of the range's first epoch left out (a resumed run).
 
     Returns:
-      A `tf.data.Dataset`; iterating it again gives the next epoch.
+      A `tf.data.Dataset`.
     """
     labels = np.asarray(labels, np.int64)
     if len(images) != len(labels):
@@ -146,18 +225,22 @@ def pair_dataset(
     values = tf.constant(images)
     labels_t = tf.constant(labels)
     read_one = reader(kind, augment)
-    decode, augment = decoder(kind), augment or _to_float
+    decode, view = decoder(kind), reader("pixels", augment)
+    make = _epoch_pairs(labels, shuffle, partner)
 
-    def read(anchor, partner):
-        x_pair = read_one(tf.gather(values, partner))
+    def read(anchor, partner_index, seeds):
+        x_pair = read_one(tf.gather(values, partner_index), seeds[1])
         if clean is None:
-            return (read_one(tf.gather(values, anchor)), x_pair), labels_t[anchor]
+            return (read_one(tf.gather(values, anchor), seeds[0]), x_pair), labels_t[anchor]
         image = decode(tf.gather(values, anchor))  # Decoded once, viewed twice.
-        return (augment(image), x_pair, clean(image)), labels_t[anchor]
+        return (view(image, seeds[0]), x_pair, clean(image)), labels_t[anchor]
 
-    ds = pair_indices(labels, seed=seed, shuffle=shuffle)
-    ds = ds.map(read, num_parallel_calls=AUTOTUNE)
-    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE)
+    def epoch(key, skip_batches):
+        ds = tf.data.Dataset.from_tensor_slices(make(key)).skip(skip_batches * batch_size)
+        ds = ds.map(read, num_parallel_calls=AUTOTUNE)
+        return ds.batch(batch_size, drop_remainder=drop_remainder)
+
+    return _epoch_keys(seed, epochs, skip).flat_map(epoch).prefetch(AUTOTUNE)
 
 
 def stream_pair_dataset(
@@ -170,6 +253,8 @@ def stream_pair_dataset(
     augment=None,
     shuffle_buffer=10_000,
     drop_remainder=False,
+    epochs=None,
+    skip=0,
 ):
     """Same-class pairs from a stream that allows no random access.
 
@@ -178,46 +263,80 @@ def stream_pair_dataset(
     uniformly from its window, itself included. Every element is an anchor once
     per pass. Partners therefore come from a random subset of the class rather
     than the whole class; memory holds at most `num_classes * window` elements.
+    The shuffles and draws are seeded by the epoch's key, so a given epoch is
+    the same stream whenever it is read (the source must stream in a fixed order).
 
     Args:
       dataset: `tf.data.Dataset` of `(value, label)`.
       batch_size: int. Anchors per batch.
       window: int. Same-class elements a partner is drawn from.
-      seed: int. Seeds the shuffles and partner draws.
+      seed: int. Seeds the shuffles, partner draws and augmentation.
       kind: str. How to read one value (see `pair_dataset`).
       augment: callable or None. As in `pair_dataset`.
       shuffle_buffer: int. Shuffle buffer before and after grouping.
       drop_remainder: bool. Drop the last, short batch.
+      epochs, skip: as in `pair_dataset`.
 
     Returns:
       A `tf.data.Dataset` of `((x, x_pair), y)`.
     """
     read_one = reader(kind, augment)
-    ds = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.group_by_window(
-        key_func=lambda value, label: tf.cast(label, tf.int64),
-        reduce_func=lambda key, group: group.batch(window),
-        window_size=window,
-    )
-    draws = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
 
-    def pair_in_window(group, draw):
-        values, labels = group
-        n = tf.shape(labels)[0]
-        partners = tf.random.stateless_uniform(
-            [n], seed=tf.stack([draw, 0]), minval=0, maxval=n, dtype=tf.int32
+    def epoch(seeds, reshuffle, skip_batches):
+        ds = dataset.shuffle(shuffle_buffer, seed=seeds[0], reshuffle_each_iteration=reshuffle)
+        ds = ds.group_by_window(
+            key_func=lambda value, label: tf.cast(label, tf.int64),
+            reduce_func=lambda _, group: group.batch(window),
+            window_size=window,
         )
-        return tf.data.Dataset.from_tensor_slices((values, tf.gather(values, partners), labels))
+        draws = tf.data.Dataset.random(seed=seeds[1], rerandomize_each_iteration=reshuffle)
 
-    ds = tf.data.Dataset.zip(ds, draws).flat_map(pair_in_window)
-    # Windows leave the grouping one class at a time: mix them again.
-    ds = ds.shuffle(shuffle_buffer, seed=seed + 2, reshuffle_each_iteration=True)
+        def pair_in_window(group, draw):
+            values, labels = group
+            n = tf.shape(labels)[0]
+            partners = tf.random.stateless_uniform(
+                [n], seed=tf.stack([draw, 0]), minval=0, maxval=n, dtype=tf.int32
+            )
+            return tf.data.Dataset.from_tensor_slices((values, tf.gather(values, partners), labels))
 
-    def read(value, partner_value, label):
-        return (read_one(value), read_one(partner_value)), tf.cast(label, tf.int64)
+        ds = tf.data.Dataset.zip(ds, draws).flat_map(pair_in_window)
+        # Windows leave the grouping one class at a time: mix them again.
+        ds = ds.shuffle(shuffle_buffer, seed=seeds[2], reshuffle_each_iteration=reshuffle)
+        views = tf.data.Dataset.random(seed=seeds[3], rerandomize_each_iteration=reshuffle)
+        ds = tf.data.Dataset.zip(ds, views).skip(skip_batches * batch_size)
 
-    ds = ds.map(read, num_parallel_calls=AUTOTUNE)
-    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE)
+        def read(element, view):
+            value, partner_value, label = element
+            anchor_seed, partner_seed = tf.unstack(_view_seeds(view, 2))
+            x = read_one(value, anchor_seed)
+            return (x, read_one(partner_value, partner_seed)), tf.cast(label, tf.int64)
+
+        ds = ds.map(read, num_parallel_calls=AUTOTUNE)
+        return ds.batch(batch_size, drop_remainder=drop_remainder)
+
+    return _stream_epochs(epoch, seed, epochs, skip).prefetch(AUTOTUNE)
+
+
+def _view_seeds(draw, count):
+    return tf.random.experimental.stateless_split(tf.stack([draw, tf.constant(0, tf.int64)]), count)
+
+
+def _stream_epochs(make, seed, epochs, skip):
+    """Streams take Python-int seeds (tf.data's shuffle cannot take a tensor seed once a global
+    seed is set): epochs of a range are built one by one, each with seeds from `(seed, epoch)`,
+    and concatenated; without a range, one dataset reshuffles on every iteration."""
+    if epochs is None:
+        if skip:
+            raise ValueError("skip needs an explicit range of epochs.")
+        return make(_int_seeds(seed, -1), True, 0)
+    if not isinstance(epochs, range) or epochs.step != 1 or not len(epochs):
+        raise ValueError(f"epochs must be a non-empty range(first, last), got {epochs!r}.")
+    parts = [make(_int_seeds(seed, e), False, skip if e == epochs.start else 0) for e in epochs]
+    return functools.reduce(tf.data.Dataset.concatenate, parts)
+
+
+def _int_seeds(seed, epoch):
+    return [int(v) for v in np.random.SeedSequence([int(seed), epoch + 1]).generate_state(4)]
 
 
 def example_dataset(
@@ -230,6 +349,8 @@ def example_dataset(
     augment=None,
     shuffle=False,
     shuffle_buffer=10_000,
+    epochs=None,
+    skip=0,
 ):
     """Batches `(x, y)` of single examples: cross-entropy training and evaluation.
 
@@ -238,27 +359,54 @@ def example_dataset(
         `(value, label)` for streamed sources.
       labels: int array `[N]`, or None when `images` is a dataset.
       batch_size: int.
-      seed: int. Seeds the shuffle.
+      seed: int. Seeds the shuffle and the augmentation.
       kind: str. How to read one value (see `pair_dataset`).
-      augment: callable or None. Maps one image to a network input.
+      augment: callable or None. Maps one image to a network input (with a
+        stateless `seed=` if it takes one).
       shuffle: bool. Shuffle every epoch (training); False keeps the order.
       shuffle_buffer: int. Buffer size when `images` is a stream.
+      epochs, skip: as in `pair_dataset`.
     """
     read_one = reader(kind, augment)
     if isinstance(images, tf.data.Dataset):
-        ds = images
+        stream = images
+
+        def stream_epoch(seeds, reshuffle, skip_batches):
+            ds = stream
+            if shuffle:
+                ds = ds.shuffle(shuffle_buffer, seed=seeds[0], reshuffle_each_iteration=reshuffle)
+            views = tf.data.Dataset.random(seed=seeds[1], rerandomize_each_iteration=reshuffle)
+            ds = tf.data.Dataset.zip(ds, views).skip(skip_batches * batch_size)
+
+            def read(element, view):
+                value, label = element
+                return read_one(value, _view_seeds(view, 1)[0]), tf.cast(label, tf.int64)
+
+            return ds.map(read, num_parallel_calls=AUTOTUNE).batch(batch_size)
+
+        return _stream_epochs(stream_epoch, seed, epochs, skip).prefetch(AUTOTUNE)
+
+    values = tf.constant(images)
+    labels_t = tf.constant(np.asarray(labels, np.int64))
+    n = len(labels)
+
+    def elements(key):
+        order = tf.range(n, dtype=tf.int64)
         if shuffle:
-            ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        read = lambda v, y: (read_one(v), tf.cast(y, tf.int64))
-    else:
-        values = tf.constant(images)
-        labels_t = tf.constant(np.asarray(labels, np.int64))
-        ds = tf.data.Dataset.range(len(labels))
-        if shuffle:
-            ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-        read = lambda i: (read_one(tf.gather(values, i)), labels_t[i])
-    ds = ds.map(read, num_parallel_calls=AUTOTUNE)
-    return ds.batch(batch_size).prefetch(AUTOTUNE)
+            order = tf.random.experimental.stateless_shuffle(order, _draws(key, 0, [2]))
+        ds = tf.data.Dataset.from_tensor_slices(order)
+        return ds.map(lambda i: (tf.gather(values, i), tf.gather(labels_t, i), i))
+
+    def epoch(key, skip_batches):
+        base = _draws(key, 1, [2])
+
+        def read(value, label, index):
+            return read_one(value, tf.random.experimental.stateless_fold_in(base, index)), label
+
+        ds = elements(key).skip(skip_batches * batch_size)
+        return ds.map(read, num_parallel_calls=AUTOTUNE).batch(batch_size)
+
+    return _epoch_keys(seed, epochs, skip).flat_map(epoch).prefetch(AUTOTUNE)
 
 
 def split_dataset(split, batch_size, **kwargs):
@@ -267,7 +415,7 @@ def split_dataset(split, batch_size, **kwargs):
     Args:
       split: Split or StreamSplit (`cskd_tf.data.sources`).
       batch_size: int.
-      **kwargs: forwarded to `example_dataset` (`augment`, `shuffle`, `seed`).
+      **kwargs: forwarded to `example_dataset` (`augment`, `shuffle`, `seed`, `epochs`, `skip`).
     """
     if hasattr(split, "make"):  # A stream.
         return example_dataset(split.make(), None, batch_size, kind=split.kind, **kwargs)

@@ -61,6 +61,10 @@ class DataSource:
       test: Split or StreamSplit.
       preset: str. Augmentation preset (`cskd_tf.data.augment.PRESETS`).
       class_names: tuple of str.
+      groups: tuple of int. The coarse group of each fine label (`groups[label]`),
+        for hierarchical accuracy (`cskd_tf.metrics.hierarchical_accuracy`); empty
+        when the data set has no hierarchy.
+      group_names: tuple of str. The name of each group (`group_names[group]`).
     """
 
     name: str
@@ -69,6 +73,8 @@ class DataSource:
     test: object
     preset: str
     class_names: tuple = ()
+    groups: tuple = ()
+    group_names: tuple = ()
 
 
 def stratified_split(split, fraction, seed=0):
@@ -420,6 +426,138 @@ def load_folder(root, name="folder", preset="imagenet", test_splits=("test", "va
     return DataSource(name, len(classes), read(train_dir), read(test_dir), preset, tuple(classes))
 
 
+# --- The mixed hierarchical data set ----------------------------------------------
+
+# The paper's mixed set (section 3.3), in label order: (group, data set, fine labels).
+MIXED_PARTS = (("bird", "cub", 200), ("dog", "stanford_dogs", 120), ("indoor", "mit67", 67))
+_PART_TITLES = {"cub": "CUB-200-2011", "stanford_dogs": "Stanford Dogs", "mit67": "MIT67"}
+
+
+def _per_class_indices(labels, per_class, rng):
+    """Sorted indices of `per_class` members of each label (all of a smaller class)."""
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def _as_encoded(split):
+    """A Split of paths as one of the files' bytes, so it can join encoded Splits."""
+    if split.kind == "encoded":
+        return split
+    values = np.empty(len(split), dtype=object)  # Not `S` bytes: those drop trailing NULs.
+    for i, path in enumerate(split.values):
+        with open(path, "rb") as f:
+            values[i] = f.read()
+    return Split(values, split.labels, "encoded")
+
+
+def _concat(splits, offsets):
+    return Split(
+        np.concatenate([s.values for s in splits]),
+        np.concatenate([s.labels + o for s, o in zip(splits, offsets)]),
+        "encoded",
+    )
+
+
+def load_mixed(data_dir, per_class=30, seed=0):
+    """The paper's mixed hierarchical data set: 387 fine labels in three groups.
+
+    Fine labels 0..199 are CUB-200-2011 (group `bird`), 200..319 Stanford Dogs
+    (`dog`) and 320..386 MIT67 (`indoor`). The training split holds `per_class`
+    samples of each fine label, chosen by a seeded permutation (all of a class
+    that has fewer); the test split is the three original test splits (CVPR
+    2020, section 3.3).
+
+    CUB and Stanford Dogs come from tfds under `data_dir` (as `load_tfds`), MIT67
+    from the image folders `data_dir/mit67/{train,test}/<class>/*.jpg` (as
+    `load_folder`; `data_dir` None means the tfds default directory). The chosen
+    MIT67 files are read into memory, so both splits hold encoded bytes.
+
+    Args:
+      data_dir: str or None. The tfds data directory, holding `mit67/` too.
+      per_class: int or None. Training samples per fine label; None keeps all.
+      seed: int. Seeds the choice; each part draws from its own stream, so the
+        choice within one part does not depend on the others.
+
+    Returns:
+      DataSource with `groups` and `group_names` set.
+    """
+    if per_class is not None and per_class < 1:
+        raise UserError(f"The data set 'mixed' needs per_class >= 1, not {per_class}.")
+    # The image folders first: they are checked in a moment, the tfds sets take minutes to read.
+    order = sorted(range(len(MIXED_PARTS)), key=lambda g: MIXED_PARTS[g][1] in TFDS)
+    parts = {g: _mixed_part(g, data_dir, per_class, seed) for g in order}
+    offsets = np.cumsum([0] + [n for _, _, n in MIXED_PARTS])[:-1]
+    trains, tests, class_names = zip(*(parts[g] for g in range(len(MIXED_PARTS))))
+    return DataSource(
+        "mixed",
+        sum(n for _, _, n in MIXED_PARTS),
+        _concat(trains, offsets),
+        _concat(tests, offsets),
+        "imagenet",
+        sum(class_names, ()),
+        groups=tuple(g for g, (_, _, n) in enumerate(MIXED_PARTS) for _ in range(n)),
+        group_names=tuple(g for g, _, _ in MIXED_PARTS),
+    )
+
+
+def _mixed_part(group, data_dir, per_class, seed):
+    """Part `group` of the mixed set: `(train, test, class names)`, labels from 0."""
+    group_name, part, expected = MIXED_PARTS[group]
+    if part in TFDS:
+        where = f"tfds {TFDS[part][0]}"
+    else:
+        root = os.path.join(_where(data_dir), part)
+        where = f"image folders {root}/{{train,test}}/<class>/*.jpg"
+    title = f"{_PART_TITLES[part]} (group '{group_name}', {where})"
+    try:
+        source = load_tfds(part, data_dir) if part in TFDS else load_folder(root, name=part)
+    except UserError as err:
+        raise UserError(f"The data set 'mixed' needs {title}: {err}") from err
+    if source.num_classes != expected:
+        raise UserError(
+            f"The data set 'mixed' needs the {expected} classes of {title}, "
+            f"and '{part}' has {source.num_classes}."
+        )
+    train = source.train
+    if per_class is not None:
+        # One stream per part: the choice in one part does not depend on the others.
+        rng = np.random.default_rng([seed, group])
+        train = train.subset(_per_class_indices(train.labels, per_class, rng))
+    names = source.class_names or tuple(str(c) for c in range(expected))
+    return (
+        _as_encoded(train),
+        _as_encoded(source.test),
+        tuple(f"{group_name}/{n}" for n in names),
+    )
+
+
+def unreadable(split):
+    """The images of `split` that cannot be decoded: file paths, or `#index` for stored bytes.
+
+    Decodes every image once (in parallel); used to name the culprit after a
+    decoding error stopped training, not on every run.
+    """
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    from cskd_tf.data import pairs  # pylint: disable=g-import-not-at-top
+
+    if not isinstance(split, Split) or split.kind == "pixels":
+        return []
+    values = tf.constant(split.values)
+    decode = pairs.decoder(split.kind)
+
+    def check(index):
+        return index, tf.size(decode(tf.gather(values, index)))
+
+    ds = tf.data.Dataset.range(len(split)).map(check, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.ignore_errors()
+    good = {int(index) for index, _ in ds.as_numpy_iterator()}
+    bad = sorted(set(range(len(split))) - good)
+    if split.kind == "path":
+        return [str(split.values[i]) for i in bad]
+    return [f"#{i}" for i in bad]
+
+
 # --- Registry ------------------------------------------------------------------
 
 # Image-folder data sets of the paper: name -> augmentation preset.
@@ -427,7 +565,7 @@ FOLDERS = {"folder": "imagenet", "tiny_imagenet": "tiny", "mit67": "imagenet"}
 
 
 def names():
-    return sorted(["digits", *TFDS, *FOLDERS])
+    return sorted(["digits", "mixed", *TFDS, *FOLDERS])
 
 
 def load(name, data_dir=None):
@@ -436,7 +574,9 @@ def load(name, data_dir=None):
     Args:
       name: str. `digits` (offline, bundled with scikit-learn), a tfds set
         (`cifar100`, `cub`, `stanford_dogs`, `imagenet`, or their tfds names) or
-        an image-folder set (`tiny_imagenet`, `mit67`, `folder`) under `data_dir`.
+        an image-folder set (`tiny_imagenet`, `mit67`, `folder`) under `data_dir`,
+        or `mixed` (CUB + Stanford Dogs from tfds, MIT67 from `data_dir/mit67`;
+        see `load_mixed`).
       data_dir: str or None. tfds data directory, or the folder root.
 
     Returns:
@@ -447,6 +587,8 @@ def load(name, data_dir=None):
         return load_digits()
     if name in TFDS:
         return load_tfds(name, data_dir)
+    if name == "mixed":
+        return load_mixed(data_dir)
     if name in FOLDERS:
         return load_folder(data_dir, name=name, preset=FOLDERS[name])
     raise UserError(f"Unknown data set '{name}'. Choose one of: {', '.join(names())}.")
