@@ -13,6 +13,8 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "CSKDModel": "cskd_tf.model",
+    "DDGSDModel": "cskd_tf.ddgsd",
+    "BYOTModel": "cskd_tf.byot",
     "CoupledWeightDecaySGD": "cskd_tf.optim",
     "step_schedule": "cskd_tf.optim",
     "class_wise_kl": "cskd_tf.losses",
@@ -21,8 +23,11 @@ _PUBLIC = {
 }
 _SUBMODULES = (
     "backbones",
+    "byot",
     "callbacks",
+    "checkpointing",
     "data",
+    "ddgsd",
     "export",
     "figures",
     "losses",
@@ -31,6 +36,8 @@ _SUBMODULES = (
     "optim",
     "paper",
     "report",
+    "saving",
+    "sweep",
 )
 __all__ = sorted([*_PUBLIC, *_SUBMODULES])
 

@@ -130,7 +130,7 @@ class ResumeStore:
             return json.load(f)
 
     def clean(self):
-        """Removes what a killed save left behind: staging folders, stale checkpoints, temp files."""
+        """Removes what a killed save left: staging folders, stale checkpoints, temp files."""
         checkpoints = os.path.dirname(self.directory)
         for folder in (checkpoints, os.path.dirname(checkpoints)):  # And the run folder.
             if os.path.isdir(folder):
@@ -150,7 +150,7 @@ class ResumeStore:
                 os.remove(path)
 
     def save(self, model, state):
-        """Writes the model's and optimizer's variables with `state`; then points `latest` at them."""
+        """Writes the model's and optimizer's variables with `state`, then points `latest` there."""
         os.makedirs(self.directory, exist_ok=True)
         self.saves += 1
         name = f"ckpt-{state['global_step']:09d}"
@@ -186,7 +186,7 @@ class ResumeStore:
 
 
 def write_history(path, history):
-    """Writes per-epoch logs as CSV (`epoch`, then the keys sorted; `NA` where an epoch lacks one)."""
+    """Writes per-epoch logs as CSV: `epoch`, then the keys sorted; `NA` where an epoch lacks one."""
     out = io.StringIO()
     if history:
         keys = sorted(set().union(*history))
@@ -216,9 +216,10 @@ class RunCheckpoint(keras.callbacks.Callback):
     """Saves everything a run needs to resume: every `every_steps` steps and after every epoch.
 
     After each epoch it also writes `last.keras`, `best.keras` when `monitor`
-    improved, and the run's `history.csv` (next to `directory`); all writes are atomic (see the module docstring). A loss that
-    is NaN or infinite stops training at once, before anything is saved, and
-    `diverged_at` records the global step: the checkpoints on disk stay the
+    improved, and the run's `history.csv` (next to `directory`); all writes are
+    atomic (see the module docstring). A loss that is NaN or infinite, or a
+    weight that is at a save, stops training at once, before anything is saved,
+    and `diverged_at` records the global step: the checkpoints on disk stay the
     last good ones. Put it after the callbacks that add metrics to the epoch
     logs (the `EvaluationCallback`), so `monitor` and the history see them.
 

@@ -370,9 +370,10 @@ PAPER.update(
 
 
 # The other rows, keyed as `PAPER`: AdaCos, Virtual-softmax, Maximum-entropy and
-# Label-smoothing (Tables 1 and 6), DDGSD and BYOT (Table 2), Mixup and Mixup + CS-KD (Table 3), the ResNet-10 student's Cross-entropy, CS-KD, KD
-# and KD + CS-KD (Table 4), CS-KD-E (Table 6; the paper gives no top-1 error for it). Kept
-# apart from `PAPER` so that `PAPER` stays the Cross-entropy / CS-KD table.
+# Label-smoothing (Tables 1 and 6), DDGSD and BYOT (Table 2), Mixup and Mixup + CS-KD
+# (Table 3), the ResNet-10 student's Cross-entropy, CS-KD, KD and KD + CS-KD (Table 4),
+# CS-KD-E (Table 6; the paper gives no top-1 error for it). Kept apart from `PAPER` so that
+# `PAPER` stays the Cross-entropy / CS-KD table.
 COMPARISONS = _build(_OTHER_ROWS)
 assert not PAPER.keys() & COMPARISONS.keys()
 

@@ -238,7 +238,11 @@ def test_two_replicas_equal_one_device():
     x, y = np.concatenate([x, x]), np.concatenate([y, y])
     single = byot(alpha=0.4, beta=0.1)
     history_1 = one_step(single, x, y)
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    # Reduced through one device, not collectives: collective instance keys restart with every
+    # strategy of a process, and this test's would clash with those of later tests' strategies.
+    strategy = tf.distribute.MirroredStrategy(
+        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
     with strategy.scope():
         mirrored = byot(alpha=0.4, beta=0.1)
     history_2 = one_step(mirrored, x, y)

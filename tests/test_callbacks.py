@@ -14,6 +14,14 @@ SHAPE = (4, 4, 1)
 CLASSES = 3
 
 
+def two_replicas():
+    """Two replicas on the two logical CPUs, reduced through one device: collectives would
+    reuse instance keys that earlier tests' strategies used in this process, and abort."""
+    return tf.distribute.MirroredStrategy(
+        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
+
+
 def arrays(n=13, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, *SHAPE)).astype(np.float32)
@@ -59,7 +67,7 @@ def test_predictor_of_a_cskd_model_uses_its_backbone():
 def test_two_replicas_give_the_arrays_of_one_device():
     x, y = arrays(n=13)  # Batches of 5: the last one (3) splits unevenly over two replicas.
     single = callbacks.predict(mlp(), examples(x, y))
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = two_replicas()
     with strategy.scope():
         net = mlp()
     assert net.distribute_strategy.num_replicas_in_sync == 2
@@ -138,7 +146,7 @@ def test_callback_under_two_replicas_matches_one_device():
         return model.fit(pairs(x, y), epochs=2, verbose=0, callbacks=[evaluation]).history
 
     one = fit(tf.distribute.get_strategy())
-    two = fit(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    two = fit(two_replicas())
     for key in ("val_top1_error", "val_nll", "val_ece", "val_recall_at_1"):
         np.testing.assert_allclose(two[key], one[key], rtol=1e-4, atol=1e-5)
 

@@ -10,6 +10,14 @@ from cskd_tf import heads
 D, C = 6, 5
 
 
+def two_replicas():
+    """Two replicas on the two logical CPUs, reduced through one device: collectives would
+    reuse instance keys that earlier tests' strategies used in this process, and abort."""
+    return tf.distribute.MirroredStrategy(
+        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
+
+
 def _rng(seed=0):
     return np.random.default_rng(seed)
 
@@ -164,7 +172,7 @@ def test_adacos_empty_batch_keeps_the_scale():
 
 def test_adacos_scale_is_the_replica_mean_under_mirrored_strategy():
     x, w, y = _data(seed=5, n=8)
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = two_replicas()
     with strategy.scope():
         layer = _built(heads.AdaCosHead, w)
 

@@ -11,6 +11,14 @@ SHAPE = (4, 4, 1)
 CLASSES = 3
 
 
+def two_replicas():
+    """Two replicas on the two logical CPUs, reduced through one device: collectives would
+    reuse instance keys that earlier tests' strategies used in this process, and abort."""
+    return tf.distribute.MirroredStrategy(
+        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
+
+
 def batch(n=8, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, *SHAPE)).astype(np.float32)
@@ -77,7 +85,7 @@ def test_two_replicas_equal_one_device():
     single = compiled(CSKDModel(mlp(), temperature=4.0, lambda_cls=2.0))
     history_1 = fit_one_step(single, x, x_pair, y)
 
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = two_replicas()
     assert strategy.num_replicas_in_sync == 2
     with strategy.scope():
         # fit builds the compiled metrics under the strategy: on the anchors, not on (x, x_pair).

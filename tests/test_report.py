@@ -311,4 +311,4 @@ def test_readme_results_table_is_what_the_committed_runs_give(tmp_path, monkeypa
     copy = tmp_path / "README.md"
     copy.write_text((root / "README.md").read_text(encoding="utf-8"), encoding="utf-8")
     assert report.update_readme(copy, table) is False  # Already there, word for word.
-    assert len(report.load_runs(["results/digits"])) == 33  # 11 methods x 3 seeds.
+    assert len(report.load_runs(["results/digits"])) == 42  # 14 methods x 3 seeds.
