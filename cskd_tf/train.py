@@ -487,7 +487,11 @@ def run(
                 kd_temperature=kd_temperature,
             )
         elif needs.get("head"):
-            model = HeadModel(net, heads.get(needs["head"], source.num_classes))
+            try:
+                head = heads.get(needs["head"], source.num_classes)
+            except ValueError as err:  # AdaCos' scale needs three classes or more.
+                raise UserError(f"--method={method} on '{dataset}': {err}") from None
+            model = HeadModel(net, head)
         else:
             model = net
 

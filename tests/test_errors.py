@@ -103,6 +103,10 @@ STARTED_CASES = {
 # and no folder may appear.
 NEW_CASES = {
     "batch too big": (["--batch_size=5000"], "--batch_size 5000 is larger than the 1438"),
+    "adacos on two classes": (
+        ["--dataset=folder", "--data_dir={tmp}/tree", "--method=adacos", "--batch_size=2"],
+        "--method=adacos on 'folder': AdaCosHead needs num_classes >= 3, got 2.",
+    ),
     "missing data dir": (["--dataset=mit67", "--data_dir={tmp}/nowhere"], "which does not exist"),
     "no data dir": (["--dataset=mit67"], "pass --data_dir=ROOT with ROOT/train/<class>/*.jpg"),
     "empty data dir": (["--dataset=mit67", "--data_dir={tmp}/empty"], "needs image folders"),

@@ -277,14 +277,14 @@ def test_every_flagfile_trains_one_step(path, tmp_path):
                      save_every_steps=0, workdir=str(tmp_path / "run"), verbose=0)  # fmt: skip
     if dataset == "digits":  # The bundled set itself: its 1,438 training images in one batch.
         overrides["batch_size"] = 1438
-    if dataset in sources.FOLDERS:
-        _tree(tmp_path / "data", classes=2)
-        overrides["data_dir"] = str(tmp_path / "data")
+    if dataset in sources.FOLDERS:  # Three classes: AdaCos needs them.
+        _tree(tmp_path / "data", classes=3)
+        overrides.update(data_dir=str(tmp_path / "data"), batch_size=3)
     if dataset == "mixed":  # Two mock birds, two mock dogs and MIT67's 67 classes: one batch.
         _tree(tmp_path / "data" / "mit67", classes=67)
         overrides.update(data_dir=str(tmp_path / "data"), batch_size=71)
     if values["teacher"]:
-        classes = {"cifar100": 100, "cub": 200, "stanford_dogs": 120}.get(dataset, 2)
+        classes = {"cifar100": 100, "cub": 200, "stanford_dogs": 120}.get(dataset, 3)
         shape = (32, 32, 3) if dataset in ("cifar100", "tiny_imagenet") else (224, 224, 3)
         overrides["teacher"] = _teacher(tmp_path / "teacher.keras", classes, shape)
     mock = tfds.testing.mock_data(num_examples=2, policy=tfds.testing.MockPolicy.USE_CODE)
