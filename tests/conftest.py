@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import pytest  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 # Must run before TensorFlow initialises its devices, hence at import time.
@@ -20,3 +21,16 @@ def pytest_collection_modifyitems(config, items):
     if len(kept) < len(items):
         config.hook.pytest_deselected(items=[i for i in items if "exhaustive" in i.keywords])
         items[:] = kept
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No network: every TCP connection fails at once, and no proxy is configured."""
+    for var in ("http_proxy", "https_proxy", "ftp_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.delenv(var.upper(), raising=False)
+
+    def refuse(*args, **kwargs):
+        raise OSError("Network is unreachable (test)")
+
+    monkeypatch.setattr("socket.create_connection", refuse)

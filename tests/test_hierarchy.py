@@ -293,16 +293,8 @@ def test_mixed_with_wrong_mit67_classes(tmp_path):
         sources.load_mixed(str(tmp_path))
 
 
-def test_mixed_without_cub_names_the_part(tmp_path, monkeypatch):
+def test_mixed_without_cub_names_the_part(tmp_path, offline):
     # Offline and not prepared: the tfds loader's sentence, prefixed by the part it was for.
-    for var in ("http_proxy", "https_proxy", "ftp_proxy", "all_proxy", "no_proxy"):
-        monkeypatch.delenv(var, raising=False)
-        monkeypatch.delenv(var.upper(), raising=False)
-
-    def refuse(*args, **kwargs):
-        raise OSError("Network is unreachable (test)")
-
-    monkeypatch.setattr("socket.create_connection", refuse)
     _write_mit67(str(tmp_path))
     with pytest.raises(UserError) as info:
         sources.load_mixed(str(tmp_path))

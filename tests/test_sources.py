@@ -189,19 +189,6 @@ def test_tfds_aliases_resolve():
 # --- Missing tfds data ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def offline(monkeypatch):
-    """No network: every TCP connection fails at once, and no proxy is configured."""
-    for var in ("http_proxy", "https_proxy", "ftp_proxy", "all_proxy", "no_proxy"):
-        monkeypatch.delenv(var, raising=False)
-        monkeypatch.delenv(var.upper(), raising=False)
-
-    def refuse(*args, **kwargs):
-        raise OSError("Network is unreachable (test)")
-
-    monkeypatch.setattr("socket.create_connection", refuse)
-
-
 @pytest.mark.parametrize(
     "name,tfds_name",
     [("cifar100", "cifar100"), ("cub", "caltech_birds2011"), ("imagenet", "imagenet2012")],
