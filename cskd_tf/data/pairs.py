@@ -77,18 +77,25 @@ def reader(kind, augment=None):
     return lambda value, seed: augment(load(value))
 
 
-def _epoch_keys(seed, epochs, skip):
-    """`(key, skip)` per epoch: a fresh random key per iteration, or `(seed, e)` for `e` in epochs."""
-    seed = int(seed)
+def _check_epochs(epochs, skip):
+    """Returns `epochs` (None or a non-empty `range` with step 1); ValueError otherwise."""
     if epochs is None:
         if skip:
             raise ValueError("skip needs an explicit range of epochs.")
+        return None
+    if not isinstance(epochs, range) or epochs.step != 1 or not len(epochs):
+        raise ValueError(f"epochs must be a non-empty range(first, last), got {epochs!r}.")
+    return epochs
+
+
+def _epoch_keys(seed, epochs, skip):
+    """`(key, skip)` per epoch: a fresh random key per iteration, or `(seed, e)` for `e` in epochs."""
+    seed = int(seed)
+    if _check_epochs(epochs, skip) is None:
         fresh = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
         return fresh.map(
             lambda r: (tf.stack([tf.constant(seed, tf.int64), r]), tf.constant(0, tf.int64))
         )
-    if not isinstance(epochs, range) or epochs.step != 1 or not len(epochs):
-        raise ValueError(f"epochs must be a non-empty range(first, last), got {epochs!r}.")
     first = epochs.start
 
     def key(epoch):
@@ -325,12 +332,8 @@ def _stream_epochs(make, seed, epochs, skip):
     """Streams take Python-int seeds (tf.data's shuffle cannot take a tensor seed once a global
     seed is set): epochs of a range are built one by one, each with seeds from `(seed, epoch)`,
     and concatenated; without a range, one dataset reshuffles on every iteration."""
-    if epochs is None:
-        if skip:
-            raise ValueError("skip needs an explicit range of epochs.")
+    if _check_epochs(epochs, skip) is None:
         return make(_int_seeds(seed, -1), True, 0)
-    if not isinstance(epochs, range) or epochs.step != 1 or not len(epochs):
-        raise ValueError(f"epochs must be a non-empty range(first, last), got {epochs!r}.")
     parts = [make(_int_seeds(seed, e), False, skip if e == epochs.start else 0) for e in epochs]
     return functools.reduce(tf.data.Dataset.concatenate, parts)
 
