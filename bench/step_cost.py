@@ -82,23 +82,15 @@ class Concat2BModel(CSKDModel):
     Reference: Yun et al., CVPR 2020, Algorithm 1 (the objective is unchanged).
     """
 
-    def train_step(self, data):
-        (x, x_pair), y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    def compute_objective(self, x, y, sample_weight):
+        x, x_pair = x
         batch = tf.shape(x)[0]
-        with tf.GradientTape() as tape:
-            both = self(tf.concat([x, x_pair], axis=0), training=True)
-            logits, pair_logits = both[:batch], both[batch:]
-            ce = self._compute_loss(
-                x=x, y=y, y_pred=logits, sample_weight=sample_weight, training=True
-            )
-            cls = tf.reduce_mean(losses.class_wise_kl(logits, pair_logits, self.temperature))
-            loss = ce + self.lambda_cls * cls
-        grads = tape.gradient(loss, self.trainable_weights)
-        self.optimizer.apply_gradients(zip(grads, self.trainable_weights))
-        self._loss_tracker.update_state(loss, sample_weight=batch)
-        self.ce_tracker.update_state(ce, sample_weight=batch)
-        self.cls_tracker.update_state(cls, sample_weight=batch)
-        return self.compute_metrics(x, y, logits, sample_weight=sample_weight)
+        both = self(tf.concat([x, x_pair], axis=0), training=True)
+        logits, pair_logits = both[:batch], both[batch:]
+        ce = self._compute_loss(x=x, y=y, y_pred=logits, sample_weight=sample_weight, training=True)
+        cls = tf.reduce_mean(losses.class_wise_kl(logits, pair_logits, self.temperature))
+        loss = ce + self.lambda_cls * cls
+        return dict(loss=loss, parts={"ce_loss": ce, "cls_loss": cls}, logits=logits)
 
 
 def _compiled(model, jit_compile):

@@ -9,7 +9,7 @@ The public names are imported on first use, so that `python -m cskd_tf.train
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _PUBLIC = {
     "CSKDModel": "cskd_tf.model",

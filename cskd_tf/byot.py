@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from cskd_tf import backbones, losses
 from cskd_tf.backbones import layers as backbone_layers
-from cskd_tf.model import _batchmean, _Classifier, _num_replicas
+from cskd_tf.model import Classifier, _batchmean
 
 # How the registry backbones name their stages; group 1 is the stage number. The first pattern
 # that matches any layer decides, so that preact_resnet's stem `relu1` is not read as a stage.
@@ -120,7 +120,7 @@ def _conv_bn_relu(x, filters, kernel, name, dtype):
         dtype=dtype,
         name=name,
     )(x)
-    x = keras.layers.BatchNormalization(
+    x = backbone_layers.TorchBatchNormalization(
         momentum=backbone_layers.BN_MOMENTUM,
         epsilon=backbone_layers.BN_EPSILON,
         dtype=dtype,
@@ -130,7 +130,7 @@ def _conv_bn_relu(x, filters, kernel, name, dtype):
 
 
 @keras.saving.register_keras_serializable(package="cskd_tf")
-class BYOTModel(_Classifier):
+class BYOTModel(Classifier):
     """Trains a backbone with BYOT: auxiliary classifiers on its stages learn from its deepest one.
 
     Each stage but the last (`stage_outputs`) gets an auxiliary head: BYOT's bottleneck,
@@ -176,25 +176,20 @@ class BYOTModel(_Classifier):
     """
 
     def __init__(self, backbone, temperature=3.0, alpha=0.3, beta=0.03, **kwargs):
-        super().__init__(**kwargs)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}.")
         if not 0 <= alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
         if not beta >= 0:
             raise ValueError(f"beta must be >= 0, got {beta}.")
-        self.backbone = backbone
+        parts = ("ce_loss", "aux_ce_loss", "aux_kd_loss", "aux_feature_loss")
+        super().__init__(backbone, parts=parts, **kwargs)
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.training_model = self._training_model(backbone)
         self.num_auxiliary = (len(self.training_model.outputs) - 2) // 2
-        self.ce_tracker = keras.metrics.Mean(name="ce_loss")
-        self.aux_ce_tracker = keras.metrics.Mean(name="aux_ce_loss")
-        self.aux_kd_tracker = keras.metrics.Mean(name="aux_kd_loss")
-        self.aux_feature_tracker = keras.metrics.Mean(name="aux_feature_loss")
-        # Built with its backbone, so summary(), save() and the weights work before fit.
-        self.build(backbone.input_shape)
+        self._build_with_backbone()
 
     @staticmethod
     def _training_model(backbone):
@@ -228,9 +223,6 @@ class BYOTModel(_Classifier):
             [backbone.output, pooling.output, *aux_logits, *aux_features],
             name=f"{backbone.name}_byot",
         )
-
-    def build(self, input_shape):
-        self.built = True
 
     def compute_terms(self, x, y, sample_weight=None, training=True):
         """The loss of one batch, its parts, and the outputs they come from.
@@ -292,38 +284,14 @@ class BYOTModel(_Classifier):
         }
         return terms, out
 
-    def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        with tf.GradientTape() as tape:
-            terms, outputs = self.compute_terms(x, y, sample_weight, training=True)
-            scaled_loss = self.optimizer.scale_loss(terms["loss"])
-        grads = tape.gradient(scaled_loss, self.trainable_weights)
-        self.optimizer.apply_gradients(zip(grads, self.trainable_weights))
-
-        batch = tf.shape(outputs["logits"])[0]
-        self._loss_tracker.update_state(terms["loss"] * _num_replicas(), sample_weight=batch)
-        for tracker in self._part_trackers():
-            tracker.update_state(terms[tracker.name] * _num_replicas(), sample_weight=batch)
-        return self.compute_metrics(x, y, outputs["logits"], sample_weight=sample_weight)
-
-    def test_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        logits = self(x, training=False)
-        ce = self._compute_loss(
-            x=x, y=y, y_pred=logits, sample_weight=sample_weight, training=False
-        )
-        self._loss_tracker.update_state(ce * _num_replicas(), sample_weight=tf.shape(logits)[0])
-        logs = self.compute_metrics(x, y, logits, sample_weight=sample_weight)
-        # Only the training step computes the parts of the loss.
-        parts = {tracker.name for tracker in self._part_trackers()}
-        return {k: v for k, v in logs.items() if k not in parts}
-
-    def _part_trackers(self):
-        return (self.ce_tracker, self.aux_ce_tracker, self.aux_kd_tracker, self.aux_feature_tracker)
+    def compute_objective(self, x, y, sample_weight):
+        terms, outputs = self.compute_terms(x, y, sample_weight, training=True)
+        parts = {name: terms[name] for name in self.part_trackers()}
+        return dict(loss=terms["loss"], parts=parts, logits=outputs["logits"])
 
     def compile_from_config(self, config):
         # What keras.Model does for a model that keeps Keras' `compile` (it skips models that
-        # override it, as `_Classifier` does): a loaded model comes back compiled, with the
+        # override it, as `Classifier` does): a loaded model comes back compiled, with the
         # optimizer's state, so that training resumes from a `.keras` file.
         self.compile(**keras.saving.deserialize_keras_object(config))
         if self.built:

@@ -51,10 +51,34 @@ class Predictor:
                 self._net = keras.Model(net.inputs, [net.outputs[0], penultimate])
         self._step = None
 
+    def _share_first_replicas_statistics(self):
+        # Under MirroredStrategy every replica updates its own copy of batch-norm's moving
+        # statistics from its share of each batch, and the copies drift apart; saving and
+        # export read the first replica's. Each replica predicts with its own copy, so make
+        # them all the first's (as PyTorch's DataParallel and DDP broadcast device 0's
+        # buffers), lest a prediction depend on the replica that made it.
+        # (A multi-worker model predicts on the local worker alone: one replica, see __init__.)
+        if self._strategy.num_replicas_in_sync == 1:
+            return
+        with self._strategy.scope():
+            for variable in self._net.non_trainable_variables:
+                value = getattr(variable, "value", variable)
+                if isinstance(value, tf.distribute.DistributedValues):
+                    value.assign(value.read_value())
+
     def _replica_step(self, x, y):
-        logits, features = self._net(x, training=False)
-        # Under mixed precision the features come out in float16.
-        return tf.cast(logits, tf.float32), tf.cast(features, tf.float32), y
+        def predict():
+            logits, features = self._net(x, training=False)
+            # Under mixed precision the features come out in float16.
+            return tf.cast(logits, tf.float32), tf.cast(features, tf.float32)
+
+        def empty():  # A replica's empty share of a short last batch: no pass (see Classifier).
+            widths = [output.shape[-1] for output in self._net.outputs]
+            return tuple(tf.zeros([0, width], tf.float32) for width in widths)
+
+        if self._strategy.num_replicas_in_sync == 1:
+            return (*predict(), y)
+        return (*tf.cond(tf.shape(x)[0] > 0, predict, empty), y)
 
     def _distributed_step(self, x, y):
         outputs = self._strategy.run(self._replica_step, args=(x, y))
@@ -77,6 +101,7 @@ class Predictor:
         """
         if self._step is None:  # One trace, reused every epoch.
             self._step = tf.function(self._distributed_step, reduce_retracing=True)
+        self._share_first_replicas_statistics()
         dataset = dataset.map(lambda *batch: batch[:2])
         parts = ([], [], [])
         for x, y in self._strategy.experimental_distribute_dataset(dataset):

@@ -30,6 +30,10 @@ import tempfile
 import keras
 import numpy as np
 
+# What training computes, for the checkpoints: 2 since cskd_tf 0.2 (PyTorch's batch-norm
+# moving variance, the anchors' pass first, each replica weighted by its share of the batch).
+# A run started under another format cannot be continued by this code.
+FORMAT = 2
 RESUME_DIR = "resume"
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "state.weights.h5"

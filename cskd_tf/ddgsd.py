@@ -4,7 +4,7 @@ import keras
 import tensorflow as tf
 
 from cskd_tf import backbones, losses
-from cskd_tf.model import _batchmean, _num_replicas, _PairedClassifier, _Untracked
+from cskd_tf.model import Classifier, _batchmean, _num_replicas, _Untracked
 
 
 def _mean_gap(features_a, features_b, sample_weight=None):
@@ -38,26 +38,24 @@ def linear_mmd(features_a, features_b, sample_weight=None):
     return tf.reduce_sum(tf.square(tf.math.divide_no_nan(total, count)))
 
 
-def _replica_mmd(features_a, features_b, sample_weight=None):
-    # The MMD of the global batch, as this replica's share of the loss. Every
-    # replica all-reduces the sums behind the two means, so all compute the same
-    # global value; the all-reduce is differentiable (its gradient is the
-    # all-reduce of the gradients), so each replica's gradient is already the
-    # whole batch's. The optimizer sums gradients over replicas: divide by their
-    # count, as Keras does for its own losses. Averaging each replica's own MMD
-    # instead would change the statistic with the number of replicas.
+def _global_mmd(total, count):
+    # The MMD of the global batch, as this replica's share of the loss, from this replica's
+    # `_mean_gap` sums. Every replica all-reduces the sums behind the two means, so all
+    # compute the same global value; the all-reduce is differentiable (its gradient is the
+    # all-reduce of the gradients), so each replica's gradient is already the whole
+    # batch's. The optimizer sums gradients over replicas: divide by their count, as Keras
+    # does for its own losses. Averaging each replica's own MMD instead would change the
+    # statistic with the number of replicas.
     replicas = _num_replicas()
     context = tf.distribute.get_replica_context()
-    if replicas == 1 or context is None:
-        return linear_mmd(features_a, features_b, sample_weight) / replicas
-    total, count = _mean_gap(features_a, features_b, sample_weight)
-    reduced = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat([total, [count]], 0))
-    gap = tf.math.divide_no_nan(reduced[:-1], tf.stop_gradient(reduced[-1]))
-    return tf.reduce_sum(tf.square(gap)) / replicas
+    if replicas > 1 and context is not None:
+        reduced = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat([total, [count]], 0))
+        total, count = reduced[:-1], tf.stop_gradient(reduced[-1])
+    return tf.reduce_sum(tf.square(tf.math.divide_no_nan(total, count))) / replicas
 
 
 @keras.saving.register_keras_serializable(package="cskd_tf")
-class DDGSDModel(_PairedClassifier):
+class DDGSDModel(Classifier):
     """Wraps a classifier so that `fit` trains it with DDGSD.
 
     `call` is the backbone's, so `predict`, `evaluate` and export see a plain
@@ -104,34 +102,21 @@ class DDGSDModel(_PairedClassifier):
     neural networks", AAAI 2019; the baseline of Yun et al., CVPR 2020, Table 2.
     """
 
-    TRAINING_LOGS = ("ce_loss", "consistency_loss", "mmd_loss")
-
     def __init__(self, backbone, temperature=4.0, lambda_consistency=1.0, lambda_mmd=1.0, **kwargs):
-        super().__init__(**kwargs)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}.")
         if not lambda_consistency >= 0:
             raise ValueError(f"lambda_consistency must be >= 0, got {lambda_consistency}.")
         if not lambda_mmd >= 0:
             raise ValueError(f"lambda_mmd must be >= 0, got {lambda_mmd}.")
-        self.backbone = backbone
+        super().__init__(backbone, parts=("ce_loss", "consistency_loss", "mmd_loss"), **kwargs)
         # Shares the backbone's layers; untracked, so the weights are saved once, as the
         # backbone's.
         self._feature_model = _Untracked(backbones.feature_model(backbone))
         self.temperature = float(temperature)
         self.lambda_consistency = float(lambda_consistency)
         self.lambda_mmd = float(lambda_mmd)
-        self.ce_tracker = keras.metrics.Mean(name="ce_loss")
-        self.consistency_tracker = keras.metrics.Mean(name="consistency_loss")
-        self.mmd_tracker = keras.metrics.Mean(name="mmd_loss")
-        if backbone.built:
-            # Built with its backbone, so summary(), save() and the weights work before fit.
-            self.build(backbone.input_shape)
-
-    def build(self, input_shape):
-        if not self.backbone.built:
-            self.backbone.build(input_shape)
-        self.built = True
+        self._build_with_backbone()
 
     def compute_terms(self, x_a, x_b, y, sample_weight=None, training=False):
         """The three parts of the loss on one batch of view pairs, before their weights.
@@ -153,6 +138,12 @@ class DDGSDModel(_PairedClassifier):
           `lambda_consistency`) and `mmd` (not yet times `lambda_mmd`), and the
           logits of the first view.
         """
+        terms, logits_a, (total, count) = self._local_terms(x_a, x_b, y, sample_weight, training)
+        terms["mmd"] = _global_mmd(total, count)
+        return terms, logits_a
+
+    def _local_terms(self, x_a, x_b, y, sample_weight, training):
+        """`compute_terms` without the MMD: the terms, and this replica's `_mean_gap` sums."""
         logits_a, features_a = self._feature_model.value(x_a, training=training)
         logits_b, features_b = self._feature_model.value(x_b, training=training)
         # Keras losses already divide by the replica count.
@@ -167,42 +158,33 @@ class DDGSDModel(_PairedClassifier):
         kl += losses.class_wise_kl(logits_b, logits_a, self.temperature)
         if sample_weight is not None:
             kl *= tf.cast(tf.reshape(sample_weight, [-1]), kl.dtype)
-        terms = {
-            "ce": ce,
-            "consistency": _batchmean(kl),
-            "mmd": _replica_mmd(features_a, features_b, sample_weight),
-        }
-        return terms, logits_a
+        terms = {"ce": ce, "consistency": _batchmean(kl)}
+        return terms, logits_a, _mean_gap(features_a, features_b, sample_weight)
 
-    def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    def compute_objective(self, x, y, sample_weight):
         if not (isinstance(x, (tuple, list)) and len(x) == 2):
             raise ValueError(
                 "DDGSDModel.fit expects batches ((x_a, x_b), y) of two views of each image; "
                 'build them with cskd_tf.data.pair_dataset(..., partner="self").'
             )
-        x_a, x_b = x
-        with tf.GradientTape() as tape:
-            terms, logits = self.compute_terms(x_a, x_b, y, sample_weight, training=True)
-            loss = (
-                terms["ce"]
-                + self.lambda_consistency * terms["consistency"]
-                + self.lambda_mmd * terms["mmd"]
-            )
-            scaled_loss = self.optimizer.scale_loss(loss)
-        grads = tape.gradient(scaled_loss, self.trainable_weights)
-        self.optimizer.apply_gradients(zip(grads, self.trainable_weights))
+        terms, logits, gap = self._local_terms(*x, y, sample_weight, training=True)
+        parts = {"ce_loss": terms["ce"], "consistency_loss": terms["consistency"]}
+        loss = terms["ce"] + self.lambda_consistency * terms["consistency"]
+        return dict(loss=loss, parts=parts, logits=logits, gap=gap)
 
-        batch = tf.shape(logits)[0]
-        self._loss_tracker.update_state(loss * _num_replicas(), sample_weight=batch)
-        trackers = {
-            "ce": self.ce_tracker,
-            "consistency": self.consistency_tracker,
-            "mmd": self.mmd_tracker,
-        }
-        for name, value in terms.items():
-            trackers[name].update_state(value * _num_replicas(), sample_weight=batch)
-        return self.compute_metrics(x_a, y, logits, sample_weight=sample_weight)
+    def empty_objective(self, x, y):
+        objective = super().empty_objective(x, y)
+        objective["parts"].pop("mmd_loss")
+        width = self._feature_model.value.outputs[1].shape[-1]
+        objective["gap"] = (tf.zeros([width], tf.float32), tf.constant(0.0))
+        return objective
+
+    def reduce_objective(self, objective):
+        # The MMD is a statistic of the global batch: its all-reduce runs on every replica.
+        mmd = _global_mmd(*objective.pop("gap"))
+        objective["parts"]["mmd_loss"] = mmd
+        objective["loss"] += self.lambda_mmd * mmd
+        return objective
 
     def get_config(self):
         config = super().get_config()

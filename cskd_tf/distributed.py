@@ -20,7 +20,7 @@ from cskd_tf.errors import UserError
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 
 
-def make_strategy(name="auto"):
+def make_strategy(name="auto", cpu_replicas=0):
     """Builds a distribution strategy by name.
 
     Args:
@@ -28,15 +28,34 @@ def make_strategy(name="auto"):
         the default strategy), `one_device` (the first GPU, else the CPU),
         `mirrored` (all local GPUs, or the CPU) or `multi_worker` (several
         machines, from the `TF_CONFIG` environment variable).
+      cpu_replicas: int. With `mirrored` on a machine without GPUs and a value
+        above 1, splits the CPU into that many logical devices and mirrors over
+        them: several replicas where there are no GPUs, to try multi-replica
+        training (as the tests do). Must be called before TensorFlow starts.
 
     Returns:
       tf.distribute.Strategy.
 
     Raises:
-      UserError: for an unknown name, or `multi_worker` without `TF_CONFIG`.
+      UserError: for an unknown name, `multi_worker` without `TF_CONFIG`, or
+        `cpu_replicas` with another strategy or beside GPUs.
     """
     if name not in STRATEGIES:
         raise UserError(f"Unknown strategy '{name}'. Choose one of: {', '.join(STRATEGIES)}.")
+    if cpu_replicas > 1:
+        if name != "mirrored" or tf.config.list_physical_devices("GPU"):
+            raise UserError(
+                "--cpu_replicas splits the CPU of a machine without GPUs for "
+                "--strategy=mirrored; it does not apply here."
+            )
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_replicas
+        )
+        return tf.distribute.MirroredStrategy(
+            [f"/cpu:{i}" for i in range(cpu_replicas)],
+            cross_device_ops=tf.distribute.ReductionToOneDevice(),
+        )
     if name == "multi_worker":
         if not os.environ.get("TF_CONFIG"):
             raise UserError(

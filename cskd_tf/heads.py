@@ -65,7 +65,10 @@ class AdaCosHead(keras.layers.Layer):
     Under a `tf.distribute` strategy each replica computes `s_new` from its own
     batch and returns logits scaled by it; the variable has aggregation `MEAN`,
     so the value stored (and used by the next step and at inference) is the
-    mean of the replicas' `s_new`.
+    mean of the replicas' `s_new`. `cskd_tf.model.HeadModel` instead calls the
+    head with `update=False` and stores the mean weighted by the replicas'
+    example counts (`update_scale`), so that an empty replica, whose `s_new` is
+    the old scale, does not pull the scale back.
 
     Call arguments:
       features: float tensor `[batch, D]`.
@@ -115,15 +118,36 @@ class AdaCosHead(keras.layers.Layer):
             name="scale",
         )
 
-    def call(self, features, labels=None, training=False):
-        x = tf.math.l2_normalize(tf.cast(features, tf.float32), axis=-1)
-        w = tf.math.l2_normalize(tf.convert_to_tensor(self.kernel), axis=0)
-        cos = tf.matmul(x, w)
+    def call(self, features, labels=None, training=False, update=True):
+        cos = self._cosines(features)
         if not training or labels is None:
             return self.scale * cos
         new_scale = tf.stop_gradient(self._new_scale(tf.stop_gradient(cos), labels))
-        self.scale.assign(new_scale)
+        if update:
+            self.scale.assign(new_scale)
         return new_scale * cos
+
+    def batch_scale(self, features, labels):
+        """`s_new` of this batch, as a training call computes it, without storing it."""
+        return tf.stop_gradient(self._new_scale(self._cosines(features), labels))
+
+    def update_scale(self, scale, count):
+        """Stores the mean of the replicas' `scale`, weighted by their `count` of examples.
+
+        Call it on every replica (in replica context, outside control flow) with the
+        batch's `batch_scale` and size; on one device it stores `scale`.
+        """
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            count = tf.cast(count, tf.float32)
+            sums = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.stack([scale * count, count]))
+            scale = tf.where(sums[1] > 0, tf.math.divide_no_nan(sums[0], sums[1]), self.scale)
+        self.scale.assign(scale)
+
+    def _cosines(self, features):
+        x = tf.math.l2_normalize(tf.cast(features, tf.float32), axis=-1)
+        w = tf.math.l2_normalize(tf.convert_to_tensor(self.kernel), axis=0)
+        return tf.matmul(x, w)
 
     def _new_scale(self, cos, labels):
         labels = _flat_labels(labels)

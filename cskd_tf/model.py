@@ -16,12 +16,31 @@ def _is_pair(x):
     return isinstance(x, (tuple, list)) and len(x) in (2, 3)
 
 
+def _first(x):
+    """The images of a batch's `x`: `x` itself, or the first element of `(x, x_other, ...)`."""
+    return x[0] if _is_pair(x) else x
+
+
 def _batchmean(values):
     # The reference's "batchmean", divided by the replica count because the optimizer sums
     # gradients over replicas, as Keras does for its own losses (and, like Keras, an empty
     # replica's share of a short last batch counts as 0).
     total = tf.math.divide_no_nan(tf.reduce_sum(values), tf.cast(tf.size(values), values.dtype))
     return total / _num_replicas()
+
+
+def _global_share(count):
+    """This replica's weight, `replicas * count / global count`, under a distribution strategy.
+
+    Keras divides each replica's mean loss by the replica count, which is the mean over the
+    global batch only when every replica holds the same number of examples. A short last
+    batch is split unevenly (one example over two replicas leaves one of them empty); weighting
+    each replica's mean by its share of the global batch makes any split train exactly as one
+    device does on the same global batch. One scalar all-reduce per step.
+    """
+    count = tf.cast(count, tf.float32)
+    total = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, count)
+    return tf.math.divide_no_nan(_num_replicas() * count, total)
 
 
 class _Untracked:
@@ -31,9 +50,52 @@ class _Untracked:
         self.value = value
 
 
-class _Classifier(keras.Model):
-    """A model around `self.backbone`: `call` is the backbone's (so `predict`, `evaluate` and
-    export see a plain classifier), and sparse cross-entropy on logits is the default loss."""
+@keras.saving.register_keras_serializable(package="cskd_tf")
+class Classifier(keras.Model):
+    """A backbone trained with its compiled loss alone, and the base of every training model.
+
+    `call` is the backbone's (so `predict`, `evaluate` and export see a plain classifier),
+    and sparse cross-entropy on logits is the default loss. `fit` takes batches `(x, y)`
+    (or, for the subclasses, `((x, x_other, ...), y)`: evaluation and Keras' symbolic
+    build take the first element `x` alone).
+
+    `train_step` is shared: a subclass says what its objective is (`compute_objective`)
+    and this class differentiates it, applies the gradients and logs the parts. Under a
+    distribution strategy with several replicas it also
+
+    * weights each replica by its share of the global batch (`_global_share`), so a short
+      last batch split unevenly over the replicas trains as on one device;
+    * skips the forward and backward passes of a replica whose share of a short last batch
+      is empty (it contributes zero gradients): Keras' batch-norm turns its moving
+      statistics into NaN on an empty batch, and oneDNN's CPU convolution returns an empty
+      input unchanged, which breaks the next layer's shapes.
+
+    On one device neither applies and the step is the plain one.
+
+    Args:
+      backbone: keras.Model. Maps images to logits `[batch, classes]`.
+      parts: sequence of str. Names of the loss parts `compute_objective` returns, each
+        logged by `fit` (a subclass passes its own).
+      **kwargs: forwarded to `keras.Model`.
+    """
+
+    def __init__(self, backbone, parts=(), **kwargs):
+        super().__init__(**kwargs)
+        self.backbone = backbone
+        self._parts = [keras.metrics.Mean(name=name) for name in parts]
+        if type(self) is Classifier:  # A subclass calls it once its own state exists.
+            self._build_with_backbone()
+
+    def _build_with_backbone(self):
+        # Built with its backbone, so summary(), save() and the weights work before fit
+        # (Keras then refuses new state: a subclass calls this last in its `__init__`).
+        if self.backbone.built:
+            self.build(self.backbone.input_shape)
+
+    def build(self, input_shape):
+        if not self.backbone.built:
+            self.backbone.build(input_shape)
+        self.built = True
 
     def call(self, inputs, training=None):
         return self.backbone(inputs, training=training)
@@ -43,6 +105,123 @@ class _Classifier(keras.Model):
         if loss is None:
             loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         super().compile(optimizer=optimizer, loss=loss, **kwargs)
+
+    # --- The objective: what a subclass defines ----------------------------------------------
+
+    def part_trackers(self):
+        """`{name: keras.metrics.Mean}` of the loss parts `compute_objective` returns."""
+        return {tracker.name: tracker for tracker in self._parts}
+
+    def compute_objective(self, x, y, sample_weight):
+        """The loss of one training batch, its parts and the logits the metrics see.
+
+        Runs inside the gradient tape, in training mode. Every value is this replica's
+        share, divided by the replica count as Keras' own losses are.
+
+        Args:
+          x: the batch's inputs (images, or a tuple of views).
+          y: labels `[batch]` or soft targets `[batch, classes]`.
+          sample_weight: float tensor `[batch]` or None.
+
+        Returns:
+          dict with `loss` (float32 scalar), `parts` (`{name: scalar}` for every name of
+          `part_trackers`) and `logits` (`[batch, classes]`, for the compiled metrics).
+        """
+        logits = self(x, training=True)
+        loss = self._compute_loss(
+            x=x, y=y, y_pred=logits, sample_weight=sample_weight, training=True
+        )
+        return dict(loss=loss, parts={}, logits=logits)
+
+    def empty_objective(self, x, y):
+        """What `compute_objective` returns, as zeros, for a replica without examples."""
+        classes = self.backbone.output.shape[-1]
+        return dict(
+            loss=tf.constant(0.0),
+            parts={name: tf.constant(0.0) for name in self.part_trackers()},
+            logits=tf.zeros([0, classes], tf.float32),
+        )
+
+    def reduce_objective(self, objective):
+        """Completes the objective with statistics of the global batch (DDGSD's MMD).
+
+        Runs on every replica, empty or not, outside the guard that skips empty ones, so
+        that collectives see every replica. The default has none.
+        """
+        return objective
+
+    # --- The shared step ----------------------------------------------------------------------
+
+    def _guarded(self, count, compute, empty):
+        if _num_replicas() == 1:
+            return compute()
+        return tf.cond(count > 0, compute, empty)
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        count = tf.shape(_first(x))[0]
+        replicas = _num_replicas()
+        with tf.GradientTape() as tape:
+            objective = self._guarded(
+                count,
+                lambda: self.compute_objective(x, y, sample_weight),
+                lambda: self.empty_objective(x, y),
+            )
+            objective = self.reduce_objective(objective)
+            loss = objective["loss"]
+            if replicas > 1:
+                loss = loss * _global_share(count)
+            scaled_loss = self.optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled_loss, self.trainable_weights)
+        self.optimizer.apply_gradients(zip(grads, self.trainable_weights))
+
+        # Per-replica means weighted by their example counts: the mean over the global batch.
+        self._loss_tracker.update_state(objective["loss"] * replicas, sample_weight=count)
+        for name, tracker in self.part_trackers().items():
+            tracker.update_state(objective["parts"][name] * replicas, sample_weight=count)
+        return self.compute_metrics(
+            _first(x), y, objective["logits"], sample_weight=sample_weight
+        )
+
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        x = _first(x)  # A paired dataset evaluates on its first elements.
+        count = tf.shape(x)[0]
+        classes = self.backbone.output.shape[-1]
+        logits = self._guarded(
+            count,
+            lambda: tf.cast(self(x, training=False), tf.float32),
+            lambda: tf.zeros([0, classes], tf.float32),
+        )
+        ce = self._compute_loss(
+            x=x, y=y, y_pred=logits, sample_weight=sample_weight, training=False
+        )
+        self._loss_tracker.update_state(ce * _num_replicas(), sample_weight=count)
+        logs = self.compute_metrics(x, y, logits, sample_weight=sample_weight)
+        return {k: v for k, v in logs.items() if k not in self.part_trackers()}
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Under a strategy Keras builds from the first batch averaged over the replicas,
+        # which fails when it is split unevenly (an odd batch on two replicas: "AddN must
+        # have the same size"); the first replica's share shapes the build as well.
+        strategy = self._distribute_strategy
+        if strategy is not None and iterator is not None:
+            for _, _, batches in iterator:
+                data_batch = tf.nest.map_structure(
+                    lambda v: strategy.experimental_local_results(v)[0], next(batches)
+                )
+                break
+            iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def _symbolic_build(self, iterator=None, data_batch=None):
+        # Under a distribution strategy Keras builds the compiled loss and metrics
+        # by calling the model on the first element of the data, which for `fit`
+        # is the tuple `(x, x_other, ...)`: give it `x` alone.
+        if data_batch is not None:
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data_batch)
+            data_batch = (_first(x), y, sample_weight)
+        return super()._symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def get_config(self):
         config = super().get_config()
@@ -56,38 +235,8 @@ class _Classifier(keras.Model):
         return cls(**config)
 
 
-class _PairedClassifier(_Classifier):
-    """A `_Classifier` trained on batches `((x, x_other, ...), y)`: evaluation and Keras'
-    symbolic build take the first element `x` alone; `TRAINING_LOGS` are the loss parts that
-    only `train_step` computes."""
-
-    TRAINING_LOGS = ()
-
-    def test_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        if _is_pair(x):  # A paired dataset evaluates on its first elements.
-            x = x[0]
-        logits = self(x, training=False)
-        ce = self._compute_loss(
-            x=x, y=y, y_pred=logits, sample_weight=sample_weight, training=False
-        )
-        self._loss_tracker.update_state(ce * _num_replicas(), sample_weight=tf.shape(logits)[0])
-        logs = self.compute_metrics(x, y, logits, sample_weight=sample_weight)
-        return {k: v for k, v in logs.items() if k not in self.TRAINING_LOGS}
-
-    def _symbolic_build(self, iterator=None, data_batch=None):
-        # Under a distribution strategy Keras builds the compiled loss and metrics
-        # by calling the model on the first element of the data, which for `fit`
-        # is the tuple `(x, x_other, ...)`: give it `x` alone.
-        if data_batch is not None:
-            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data_batch)
-            if _is_pair(x):
-                data_batch = (x[0], y, sample_weight)
-        return super()._symbolic_build(iterator=iterator, data_batch=data_batch)
-
-
 @keras.saving.register_keras_serializable(package="cskd_tf")
-class CSKDModel(_PairedClassifier):
+class CSKDModel(Classifier):
     """Wraps a classifier so that `fit` trains it with CS-KD.
 
     `call` is the backbone's, so `predict`, `evaluate` and export see a plain
@@ -119,9 +268,11 @@ class CSKDModel(_PairedClassifier):
     penalty (`cskd_tf.losses.ClassificationLoss`) or Mixup's soft labels
     (`cskd_tf.data.mixup`) combine with it unchanged.
 
-    The partner pass runs in training mode, like the authors' code: batch-norm
-    normalises the partners with their own batch statistics and both passes
-    update the moving statistics. It runs outside the gradient tape, so it
+    The passes run in the authors' order and mode: the anchors' pass first, then
+    the partners' (and CS-KD-E's clean view's) in training mode, their outputs
+    fixed targets (no gradient flows into them). Batch-norm normalises each batch with its own
+    statistics and both passes update the moving statistics, the anchors' first
+    (the order changes no gradient, only the moving statistics). A fixed target
     costs one forward pass and keeps no activations for back-propagation.
 
     Args:
@@ -140,8 +291,6 @@ class CSKDModel(_PairedClassifier):
     Self-knowledge Distillation", CVPR 2020, section 2 and Algorithm 1.
     """
 
-    TRAINING_LOGS = ("ce_loss", "cls_loss", "sample_loss", "kd_loss")
-
     def __init__(
         self,
         backbone,
@@ -154,7 +303,6 @@ class CSKDModel(_PairedClassifier):
         kd_temperature=4.0,
         **kwargs,
     ):
-        super().__init__(**kwargs)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}.")
         if not lambda_cls >= 0:
@@ -169,7 +317,10 @@ class CSKDModel(_PairedClassifier):
             )
         if not kd_temperature > 0:
             raise ValueError(f"kd_temperature must be > 0, got {kd_temperature}.")
-        self.backbone = backbone
+        parts = ["ce_loss", "cls_loss"]
+        parts += ["sample_loss"] if lambda_sample else []
+        parts += ["kd_loss"] if teacher is not None else []
+        super().__init__(backbone, parts=parts, **kwargs)
         self.temperature = float(temperature)
         self.lambda_cls = float(lambda_cls)
         self.lambda_sample = float(lambda_sample)
@@ -179,27 +330,13 @@ class CSKDModel(_PairedClassifier):
             teacher.trainable = False
         self.kd_alpha = float(kd_alpha)
         self.kd_temperature = float(kd_temperature)
-        self.ce_tracker = keras.metrics.Mean(name="ce_loss")
-        self.cls_tracker = keras.metrics.Mean(name="cls_loss")
-        if self.lambda_sample:
-            self.sample_tracker = keras.metrics.Mean(name="sample_loss")
-        if teacher is not None:
-            self.kd_tracker = keras.metrics.Mean(name="kd_loss")
-        if backbone.built:
-            # Built with its backbone, so summary(), save() and the weights work before fit.
-            self.build(backbone.input_shape)
+        self._build_with_backbone()
 
     @property
     def teacher(self):
         return self._teacher.value
 
-    def build(self, input_shape):
-        if not self.backbone.built:
-            self.backbone.build(input_shape)
-        self.built = True
-
-    def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    def compute_objective(self, x, y, sample_weight):
         x_pair = x_clean = None
         if _is_pair(x):
             x, x_pair, x_clean = (*x, None)[:3]
@@ -220,48 +357,42 @@ class CSKDModel(_PairedClassifier):
                 values *= tf.cast(weights, values.dtype)
             return _batchmean(values)
 
-        # Targets: training-mode passes as in the reference, no gradient.
-        pair_logits = tf.stop_gradient(self(x_pair, training=True)) if x_pair is not None else None
+        # The authors' order: the anchors' pass first, then the fixed targets' passes (in
+        # training mode, as theirs, and without gradient). In a graph, TensorFlow runs
+        # the batch-norm updates of the passes in this program order.
+        logits = self(x, training=True)
+        fixed = lambda inputs: tf.stop_gradient(self(inputs, training=True))
+        pair_logits = fixed(x_pair) if x_pair is not None else None
         fixed_clean = self.lambda_sample and self.sample_form == "cvpr"
-        clean_logits = tf.stop_gradient(self(x_clean, training=True)) if fixed_clean else None
+        clean_logits = fixed(x_clean) if fixed_clean else None
         teacher_logits = (
             tf.stop_gradient(self.teacher(x, training=False)) if self.teacher is not None else None
         )
-        with tf.GradientTape() as tape:
-            logits = self(x, training=True)
-            # Keras losses already divide by the replica count.
-            ce = self._compute_loss(
-                x=x, y=y, y_pred=logits, sample_weight=sample_weight, training=True
+        # Keras losses already divide by the replica count.
+        ce = self._compute_loss(
+            x=x, y=y, y_pred=logits, sample_weight=sample_weight, training=True
+        )
+        loss = (1.0 - self.kd_alpha) * ce
+        parts = {name: tf.constant(0.0) for name in self.part_trackers()}
+        parts["ce_loss"] = ce
+        if pair_logits is not None:
+            parts["cls_loss"] = term(losses.class_wise_kl(logits, pair_logits, self.temperature))
+            loss += self.lambda_cls * parts["cls_loss"]
+        if clean_logits is not None:
+            parts["sample_loss"] = term(
+                losses.class_wise_kl(logits, clean_logits, self.temperature)
             )
-            loss = (1.0 - self.kd_alpha) * ce
-            parts = {"ce": ce}
-            if pair_logits is not None:
-                parts["cls"] = term(losses.class_wise_kl(logits, pair_logits, self.temperature))
-                loss += self.lambda_cls * parts["cls"]
-            if clean_logits is not None:
-                parts["sample"] = term(losses.class_wise_kl(logits, clean_logits, self.temperature))
-                loss += self.lambda_sample * parts["sample"]
-            elif self.lambda_sample:  # The ICLR form: the clean view's pass is differentiated.
-                clean = self(x_clean, training=True)
-                parts["sample"] = term(losses.kl_divergence(clean, logits, self.temperature))
-                loss += self.lambda_sample * parts["sample"]
-            if teacher_logits is not None:
-                parts["kd"] = term(
-                    losses.class_wise_kl(logits, teacher_logits, self.kd_temperature)
-                )
-                loss += self.kd_alpha * parts["kd"]
-            scaled_loss = self.optimizer.scale_loss(loss)
-        grads = tape.gradient(scaled_loss, self.trainable_weights)
-        self.optimizer.apply_gradients(zip(grads, self.trainable_weights))
-
-        batch = tf.shape(logits)[0]
-        self._loss_tracker.update_state(loss * _num_replicas(), sample_weight=batch)
-        trackers = {"ce": self.ce_tracker, "cls": self.cls_tracker}
-        trackers.update(sample=getattr(self, "sample_tracker", None))
-        trackers.update(kd=getattr(self, "kd_tracker", None))
-        for name, value in parts.items():
-            trackers[name].update_state(value * _num_replicas(), sample_weight=batch)
-        return self.compute_metrics(x, y, logits, sample_weight=sample_weight)
+            loss += self.lambda_sample * parts["sample_loss"]
+        elif self.lambda_sample:  # The ICLR form: the clean view's pass is differentiated.
+            clean = self(x_clean, training=True)
+            parts["sample_loss"] = term(losses.kl_divergence(clean, logits, self.temperature))
+            loss += self.lambda_sample * parts["sample_loss"]
+        if teacher_logits is not None:
+            parts["kd_loss"] = term(
+                losses.class_wise_kl(logits, teacher_logits, self.kd_temperature)
+            )
+            loss += self.kd_alpha * parts["kd_loss"]
+        return dict(loss=loss, parts=parts, logits=logits)
 
     def get_config(self):
         config = super().get_config()
@@ -285,7 +416,7 @@ class CSKDModel(_PairedClassifier):
 
 
 @keras.saving.register_keras_serializable(package="cskd_tf")
-class HeadModel(_Classifier):
+class HeadModel(Classifier):
     """A backbone whose last dense layer is replaced by a head that sees the labels in training.
 
     For the angular-margin baselines (`cskd_tf.heads`: AdaCos, Virtual-softmax),
@@ -305,40 +436,49 @@ class HeadModel(_Classifier):
     """
 
     def __init__(self, backbone, head, **kwargs):
-        super().__init__(**kwargs)
         from cskd_tf import backbones  # pylint: disable=g-import-not-at-top
 
         if head is None:  # Reloaded from its config: `backbone` is already assembled.
-            self.backbone = backbone
-            self.head = backbone.layers[-1]
+            head = backbone.layers[-1]
         else:
             features = backbone.get_layer(backbones.FEATURES_LAYER).output
-            self.head = head
-            self.backbone = keras.Model(
+            backbone = keras.Model(
                 backbone.input, head(features), name=f"{backbone.name}_{head.name}_head"
             )
+        super().__init__(backbone, **kwargs)
+        self.head = head
         self._features = keras.Model(
             self.backbone.input,
             self.backbone.get_layer(backbones.FEATURES_LAYER).output,
         )
-        self.build(self.backbone.input_shape)
+        self._build_with_backbone()
 
-    def build(self, input_shape):
-        self.built = True
-
-    def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        with tf.GradientTape() as tape:
-            logits = self.head(self._features(x, training=True), y, training=True)
-            loss = self._compute_loss(
-                x=x, y=y, y_pred=logits, sample_weight=sample_weight, training=True
-            )
-            scaled_loss = self.optimizer.scale_loss(loss)
-        grads = tape.gradient(scaled_loss, self.trainable_weights)
-        self.optimizer.apply_gradients(zip(grads, self.trainable_weights))
-        self._loss_tracker.update_state(loss * _num_replicas(), sample_weight=tf.shape(logits)[0])
+    def compute_objective(self, x, y, sample_weight):
+        features = self._features(x, training=True)
+        # A head with state (AdaCos' scale) stores it in `reduce_objective`, on every replica.
+        stateful = hasattr(self.head, "update_scale")
+        kwargs = dict(update=False) if stateful else {}
+        logits = self.head(features, y, training=True, **kwargs)
+        loss = self._compute_loss(
+            x=x, y=y, y_pred=logits, sample_weight=sample_weight, training=True
+        )
         classes = self.backbone.output.shape[-1]
-        return self.compute_metrics(x, y, logits[:, :classes], sample_weight=sample_weight)
+        objective = dict(loss=loss, parts={}, logits=logits[:, :classes])
+        if stateful:
+            objective["scale"] = self.head.batch_scale(features, y)
+        return objective
+
+    def empty_objective(self, x, y):
+        objective = super().empty_objective(x, y)
+        if hasattr(self.head, "update_scale"):
+            objective["scale"] = tf.convert_to_tensor(self.head.scale)
+        return objective
+
+    def reduce_objective(self, objective):
+        if "scale" in objective:
+            count = tf.shape(objective["logits"])[0]
+            self.head.update_scale(objective.pop("scale"), count)
+        return objective
 
     @classmethod
     def from_config(cls, config):

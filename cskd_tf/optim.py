@@ -81,12 +81,15 @@ class CoupledWeightDecaySGD(keras.optimizers.Optimizer):
 
 
 def milestone_epochs(epochs, milestones=(0.5, 0.75)):
-    """Epochs (0-based) from which each learning-rate drop applies.
+    """Epochs (0-based) from which each learning-rate drop applies, as in the authors' code.
 
-    The reference lowers the rate for every epoch `e >= fraction * epochs`, so
-    the first such epoch is `ceil(fraction * epochs)`: 100 and 150 of 200.
+    Their train.py calls `adjust_learning_rate(optimizer, epoch)` after training epoch
+    `epoch`, and it lowers the rate when `epoch >= fraction * epochs`: the rate so set is
+    the next epoch's. Epoch `k` therefore trains at the lower rate when
+    `k - 1 >= fraction * epochs`, and the first such epoch is `ceil(fraction * epochs) + 1`:
+    101 and 151 of 200 (the paper's "epochs 100 and 150", counted the authors' way).
     """
-    return [math.ceil(f * epochs) for f in milestones]
+    return [math.ceil(f * epochs) + 1 for f in milestones]
 
 
 def step_schedule(learning_rate, epochs, steps_per_epoch, milestones=(0.5, 0.75), factor=0.1):

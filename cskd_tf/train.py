@@ -166,6 +166,12 @@ def define_flags(flag_values=flags.FLAGS):
             "multi_worker (several machines, from TF_CONFIG).",
             **fv,
         ),
+        cpu_replicas=integer(
+            "cpu_replicas",
+            0,
+            "With --strategy=mirrored on a machine without GPUs: split the CPU into this many "
+            "replicas (to try multi-replica training without GPUs); 0: one.",
+        ),
         seed=integer("seed", 0, "Random seed (weights, sampler, augmentation)."),
         deterministic=flags.DEFINE_bool(
             "deterministic",
@@ -249,6 +255,7 @@ def run(
     jit_compile=None,
     mixed_precision="none",
     strategy="auto",
+    cpu_replicas=0,
     seed=0,
     deterministic=False,
     save_every_steps=500,
@@ -278,6 +285,7 @@ def run(
     # Imported here so that `--help` and flag errors answer at once.
     import keras  # pylint: disable=g-import-not-at-top
 
+    import cskd_tf  # pylint: disable=g-import-not-at-top
     from cskd_tf import backbones  # pylint: disable=g-import-not-at-top
     from cskd_tf import checkpointing  # pylint: disable=g-import-not-at-top
     from cskd_tf import callbacks as callbacks_lib  # pylint: disable=g-import-not-at-top
@@ -288,6 +296,7 @@ def run(
     from cskd_tf import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
     from cskd_tf.data import sources  # pylint: disable=g-import-not-at-top
     from cskd_tf import heads  # pylint: disable=g-import-not-at-top
+    from cskd_tf.model import Classifier  # pylint: disable=g-import-not-at-top
     from cskd_tf.model import CSKDModel  # pylint: disable=g-import-not-at-top
     from cskd_tf.model import HeadModel  # pylint: disable=g-import-not-at-top
     from cskd_tf import saving  # pylint: disable=g-import-not-at-top
@@ -340,12 +349,13 @@ def run(
     _check(weight_decay >= 0, f"--weight_decay must be >= 0, got {weight_decay}.")
     _check(eval_every >= 0, f"--eval_every must be >= 0, got {eval_every}.")
     _check(save_every_steps >= 0, f"--save_every_steps must be >= 0, got {save_every_steps}.")
+    _check(cpu_replicas >= 0, f"--cpu_replicas must be >= 0, got {cpu_replicas}.")
     _check(
         mixed_precision in PRECISIONS,
         f"Unknown --mixed_precision '{mixed_precision}'. Choose one of: {', '.join(PRECISIONS)}.",
     )
     # Before any TensorFlow op: a multi-worker strategy must configure the runtime first.
-    strategy_name, strategy = strategy, distributed.make_strategy(strategy)
+    strategy_name, strategy = strategy, distributed.make_strategy(strategy, cpu_replicas)
     chief = distributed.is_chief(strategy)
     workdir = workdir or os.path.join("runs", f"{dataset}-{method}-s{seed}")
     resolved = dict(
@@ -372,6 +382,7 @@ def run(
         jit_compile=jit_compile,
         mixed_precision=mixed_precision,
         strategy=strategy_name,
+        cpu_replicas=cpu_replicas,
         seed=seed,
         deterministic=deterministic,
         save_every_steps=save_every_steps,
@@ -493,7 +504,7 @@ def run(
                 raise UserError(f"--method={method} on '{dataset}': {err}") from None
             model = HeadModel(net, head)
         else:
-            model = net
+            model = Classifier(net)
 
         # --- Compile -------------------------------------------------------------
         schedule = step_schedule(lr, epochs, steps_per_epoch)
@@ -514,6 +525,13 @@ def run(
 
         # --- Resume ------------------------------------------------------------
         if state is not None:
+            _check(
+                state.get("format") == checkpointing.FORMAT,
+                f"The run folder {workdir} was started by cskd_tf {state.get('version', '0.1')}, "
+                f"whose training computed batch-norm and the pass order differently; this "
+                f"version cannot continue it: finish it with that version, or pass another "
+                f"--workdir.",
+            )
             _check(
                 state.get("num_classes") == source.num_classes,
                 f"The run folder {workdir} was trained on {state.get('num_classes')} classes, "
@@ -539,7 +557,13 @@ def run(
         every_steps=save_every_steps,
         state=state,
         monitor=monitor,
-        info=dict(num_classes=source.num_classes, dataset=dataset, backbone=backbone),
+        info=dict(
+            num_classes=source.num_classes,
+            dataset=dataset,
+            backbone=backbone,
+            format=checkpointing.FORMAT,
+            version=cskd_tf.__version__,
+        ),
         save=chief,
     )
     callbacks = []
@@ -693,7 +717,7 @@ def _on_failure(new_workdir, store, splits):
 
 # Flags that may change when a run resumes: where and how fast it runs, not what it computes.
 _FREE_ON_RESUME = ("workdir", "data_dir", "jit_compile", "eval_every", "save_every_steps",
-                   "strategy", "deterministic", "run_eagerly")  # fmt: skip
+                   "strategy", "cpu_replicas", "deterministic", "run_eagerly")  # fmt: skip
 
 
 def _run_folder(workdir, resolved):

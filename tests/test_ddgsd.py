@@ -287,7 +287,7 @@ def test_config_and_keras_file_round_trip(tmp_path):
     np.testing.assert_allclose(
         loaded.predict(x_a, verbose=0), model.predict(x_a, verbose=0), rtol=1e-6
     )
-    # The reloaded model trains on: same step, same weights (like every _Classifier, it is
+    # The reloaded model trains on: same step, same weights (like every Classifier, it is
     # reloaded uncompiled).
     fit_one_step(model, x_a, x_b, y)
     fit_one_step(compiled(loaded), x_a, x_b, y)

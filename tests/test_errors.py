@@ -3,6 +3,7 @@ no traceback, and the run folder as it was (a new one never appears; a started o
 checkpoints byte for byte)."""
 
 import hashlib
+import json
 import os
 import pathlib
 import subprocess
@@ -161,6 +162,22 @@ def test_a_folder_run_resumed_with_another_number_of_classes_is_refused(tmp_path
     before = digest(workdir)
     done = run_cli(*args)
     assert_one_error_line(done, "was trained on 2 classes, but 'folder' now has 3")
+    assert digest(workdir) == before
+
+
+@pytest.mark.slow
+def test_a_run_started_before_pytorch_batch_norm_is_refused(started, tmp_path):
+    # A copy of the started run whose checkpoint is as cskd_tf 0.1 wrote it: no format.
+    workdir = tmp_path / "old"
+    subprocess.run(["cp", "-r", str(started), str(workdir)], check=True)
+    store = checkpointing.ResumeStore(workdir / "checkpoints")
+    state_file = pathlib.Path(store.latest()) / checkpointing.STATE_FILE
+    state = json.loads(state_file.read_text())
+    assert state.pop("format") == checkpointing.FORMAT and state.pop("version")
+    state_file.write_text(json.dumps(state))
+    before = digest(workdir)
+    done = run_cli(f"--flagfile={workdir / 'flags.txt'}", f"--workdir={workdir}")
+    assert_one_error_line(done, "was started by cskd_tf 0.1, whose training computed batch-norm")
     assert digest(workdir) == before
 
 

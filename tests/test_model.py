@@ -99,9 +99,10 @@ def test_two_replicas_equal_one_device():
         assert history_2[key][0] == pytest.approx(history_1[key][0], rel=1e-5, abs=2e-6)
 
 
-def test_partner_pass_runs_in_training_mode():
+def test_partner_pass_runs_in_training_mode_after_the_anchors():
     # Dense(identity) -> BatchNorm: after one step the moving mean has seen the
-    # partner batch first, then the anchors (Keras: m <- 0.9 m + 0.1 batch_mean).
+    # anchor batch first, then the partners, as in the authors' train.py (Keras:
+    # m <- 0.9 m + 0.1 batch_mean). The other order gives 0.9 * 0.1 * x_pair + 0.1 * x.
     inputs = keras.Input((2,))
     h = keras.layers.Dense(2, use_bias=False, kernel_initializer="identity", trainable=False)(
         inputs
@@ -113,7 +114,7 @@ def test_partner_pass_runs_in_training_mode():
     x_pair = np.array([[10.0, 20.0], [30.0, 40.0]], np.float32)
     fit_one_step(model, x, x_pair, np.array([0, 1]))
     moving_mean = net.get_layer("bn").moving_mean.numpy()
-    expected = 0.9 * (0.1 * x_pair.mean(0)) + 0.1 * x.mean(0)
+    expected = 0.9 * (0.1 * x.mean(0)) + 0.1 * x_pair.mean(0)
     np.testing.assert_allclose(moving_mean, expected, rtol=1e-5)
 
 

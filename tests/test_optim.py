@@ -25,13 +25,14 @@ def test_steps_match_pytorch_update_across_a_learning_rate_drop():
         [rng.normal(size=(3, 2)).astype(np.float32), rng.normal(size=(2,)).astype(np.float32)]
         for _ in range(4)
     ]
-    # Two epochs of two steps; the rate drops after the first epoch.
-    schedule = optim.step_schedule(0.1, epochs=2, steps_per_epoch=2, milestones=(0.5,))
+    # Four epochs of one step; the rate drops for the last epoch (the authors' timing, see
+    # test_schedule_gives_every_epoch_the_authors_rate).
+    schedule = optim.step_schedule(0.1, epochs=4, steps_per_epoch=1, milestones=(0.5,))
     opt = optim.CoupledWeightDecaySGD(schedule, momentum=0.9, coupled_weight_decay=0.05)
     variables = [keras.Variable(kernel), keras.Variable(bias)]
     for g in grads:
         opt.apply_gradients(zip(g, variables))
-    expected = torch_sgd([kernel, bias], grads, [0.1, 0.1, 0.01, 0.01], 0.9, 0.05)
+    expected = torch_sgd([kernel, bias], grads, [0.1, 0.1, 0.1, 0.01], 0.9, 0.05)
     for v, e in zip(variables, expected):
         np.testing.assert_allclose(v.numpy(), e, rtol=1e-5, atol=1e-6)
 
@@ -44,14 +45,36 @@ def test_decay_applies_to_every_parameter():
     np.testing.assert_allclose(w.numpy(), [1 - 0.5 * 0.1] * 2, rtol=1e-6)
 
 
+def authors_rates(epochs, lr=0.1):
+    """The rate of each epoch in the authors' train.py: `adjust_learning_rate(optimizer,
+    epoch)` runs after epoch `epoch` and sets the rate the next epoch trains with."""
+    rates, current = [], lr
+    for epoch in range(epochs):
+        rates.append(current)
+        current = lr / (10 if epoch >= 0.5 * epochs else 1) / (10 if epoch >= 0.75 * epochs else 1)
+    return rates
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 3, 4, 7, 30, 90, 200])
+def test_schedule_gives_every_epoch_the_authors_rate(epochs):
+    steps = 3
+    schedule = optim.step_schedule(0.1, epochs=epochs, steps_per_epoch=steps)
+    # The optimizer asks the schedule with the number of steps already taken.
+    got = [float(schedule(epoch * steps + s)) for epoch in range(epochs) for s in range(steps)]
+    expected = [rate for rate in authors_rates(epochs) for _ in range(steps)]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
 def test_schedule_boundaries_follow_the_reference_epochs():
+    # 101 epochs at 0.1 (0..100), 50 at 0.01, 49 at 0.001: the authors' code lowers the rate
+    # one epoch after the paper's "epochs 100 and 150".
     steps = 10
     schedule = optim.step_schedule(0.1, epochs=200, steps_per_epoch=steps)
-    assert optim.milestone_epochs(200) == [100, 150]
-    assert float(schedule(100 * steps - 1)) == pytest.approx(0.1)
-    assert float(schedule(100 * steps)) == pytest.approx(0.01)
-    assert float(schedule(150 * steps - 1)) == pytest.approx(0.01)
-    assert float(schedule(150 * steps)) == pytest.approx(0.001)
+    assert optim.milestone_epochs(200) == [101, 151]
+    assert float(schedule(101 * steps - 1)) == pytest.approx(0.1)
+    assert float(schedule(101 * steps)) == pytest.approx(0.01)
+    assert float(schedule(151 * steps - 1)) == pytest.approx(0.01)
+    assert float(schedule(151 * steps)) == pytest.approx(0.001)
 
 
 def test_rejects_decoupled_weight_decay_and_round_trips():

@@ -132,6 +132,7 @@ def test_run_writes_metrics_flags_and_checkpoints(tmp_path):
         jit_compile=None,
         mixed_precision="none",
         strategy="auto",
+        cpu_replicas=0,
         seed=0,
         deterministic=False,
         save_every_steps=500,

@@ -10,6 +10,8 @@ torchvision), so three PyTorch conventions that Keras does not share are made ex
   `"same"` is the same computation and is kept.
 - Batch-norm. PyTorch's `momentum=0.1` (weight of the new batch) is Keras' `momentum=0.9`
   (weight of the old value), and PyTorch's `eps` defaults to 1e-5 where Keras' is 1e-3.
+  PyTorch's `BatchNorm2d` also updates its running variance with the unbiased batch variance,
+  Keras' `BatchNormalization` with the biased one: `TorchBatchNormalization` does as PyTorch.
 - Initialisers. Each PyTorch default or explicit `nn.init` call has a Keras equivalent below.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import math
 
 import keras
+import tensorflow as tf
 
 # PyTorch's BatchNorm2d defaults (momentum 0.1 in its convention, eps 1e-5).
 BN_MOMENTUM = 0.9
@@ -76,10 +79,78 @@ def kaiming_normal_initializer(mode: str = "fan_in") -> keras.initializers.Initi
     )
 
 
-def batch_norm(x, name: str):
-    """Batch-normalises the last (channel) axis with PyTorch's default hyper-parameters.
+@keras.saving.register_keras_serializable(package="cskd_tf")
+class TorchBatchNormalization(keras.layers.BatchNormalization):
+    """`keras.layers.BatchNormalization` with PyTorch's `BatchNorm2d` moving-variance update.
 
-    Gamma starts at 1 and beta at 0, as PyTorch (and torchvision's explicit init) sets them.
+    Training normalises with the batch mean and the biased batch variance, as both frameworks
+    do. The moving statistics are then updated as PyTorch updates `running_mean` and
+    `running_var`:
+
+        moving_mean     = momentum * moving_mean     + (1 - momentum) * mean
+        moving_variance = momentum * moving_variance + (1 - momentum) * variance * n / (n - 1)
+
+    with `n` the number of values per channel (batch x height x width): the unbiased variance,
+    where Keras' own layer uses the biased one. The difference reaches only the inference-mode
+    statistics (a relative 1/(n-1) per update: 8e-3 for n = 128), which every evaluation and
+    export uses.
+
+    A batch with fewer than two values per channel leaves the moving statistics as they are.
+    PyTorch refuses such a batch in training; here it is what a replica receives when a short
+    last batch does not reach every replica (an empty share, whose moments are NaN), and a
+    one-value batch has no unbiased variance.
+
+    Everything else (arguments, variables, `get_config`) is Keras' layer, so weights and
+    checkpoints carry over between the two classes. Masks and batch renormalisation are
+    Keras' alone and fall back to its own update.
+
+    Reference: PyTorch's `torch.nn.BatchNorm2d` (documented update of `running_var` "with
+    unbiased estimator"); Ioffe & Szegedy, "Batch Normalization", ICML 2015, Algorithm 2.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable) or mask is not None or self.renorm:
+            return super().call(inputs, training=training, mask=mask)
+        # Keras' layer (keras/src/layers/normalization/batch_normalization.py, 3.15) with only
+        # the update of the moving statistics changed; BN is computed in float32 at least.
+        compute_dtype = keras.backend.result_type(inputs.dtype, "float32")
+        inputs = tf.cast(inputs, compute_dtype)
+        mean, variance = self._moments(inputs, None)
+        shape = tf.shape(inputs)
+        count = tf.reduce_prod(tf.gather(shape, self._reduction_axes))
+        count = tf.cast(count, compute_dtype)
+        update = count >= 2
+        unbiased = variance * (count / tf.maximum(count - 1.0, 1.0))
+        momentum = tf.cast(self.momentum, compute_dtype)
+        moving_mean = tf.cast(self.moving_mean, compute_dtype)
+        moving_variance = tf.cast(self.moving_variance, compute_dtype)
+        self.moving_mean.assign(
+            tf.where(update, moving_mean * momentum + mean * (1.0 - momentum), moving_mean)
+        )
+        self.moving_variance.assign(
+            tf.where(
+                update,
+                moving_variance * momentum + unbiased * (1.0 - momentum),
+                moving_variance,
+            )
+        )
+        outputs = keras.ops.batch_normalization(
+            x=inputs,
+            mean=mean,
+            variance=variance,
+            axis=self.axis,
+            offset=tf.cast(self.beta, compute_dtype) if self.center else None,
+            scale=tf.cast(self.gamma, compute_dtype) if self.scale else None,
+            epsilon=self.epsilon,
+        )
+        return tf.cast(outputs, self.compute_dtype)
+
+
+def batch_norm(x, name: str):
+    """Batch-normalises the last (channel) axis as PyTorch's `BatchNorm2d` does by default.
+
+    `TorchBatchNormalization` with PyTorch's momentum and epsilon; gamma starts at 1 and beta
+    at 0, as PyTorch (and torchvision's explicit init) sets them.
 
     Args:
         x: KerasTensor. NHWC (or [batch, features]) input.
@@ -88,7 +159,7 @@ def batch_norm(x, name: str):
     Returns:
         KerasTensor. The normalised tensor.
     """
-    return keras.layers.BatchNormalization(
+    return TorchBatchNormalization(
         momentum=BN_MOMENTUM,
         epsilon=BN_EPSILON,
         gamma_initializer="ones",
@@ -118,6 +189,7 @@ def conv2d(
     kernel_initializer: keras.initializers.Initializer,
     stride: int = 1,
     padding: int | None = None,
+    groups: int = 1,
 ):
     """A bias-free 2-D convolution with PyTorch's symmetric zero padding.
 
@@ -133,6 +205,13 @@ def conv2d(
         stride: int. Square stride.
         padding: int | None. Zero rows/columns added on every side, as PyTorch's `padding=`;
             None means `kernel_size // 2`.
+        groups: int. PyTorch's `groups=`: input and output channels are cut into `groups`
+            contiguous slices and slice g of the output sees slice g of the input only. The
+            kernel is HWIO of shape `(k, k, in_channels // groups, filters)`, output channels
+            `[g * filters // groups, (g + 1) * filters // groups)` forming group g: PyTorch's
+            `[filters, in_channels // groups, k, k]` weight transposed, with the same fan-in and
+            fan-out. Keras' TensorFlow backend runs a grouped convolution through XLA
+            (`jit_compile=True`), on every device.
 
     Returns:
         KerasTensor. The convolution's output, with PyTorch's output size
@@ -156,6 +235,7 @@ def conv2d(
         padding=keras_padding,
         use_bias=False,
         kernel_initializer=kernel_initializer,
+        groups=groups,
         name=name,
     )(x)
 
