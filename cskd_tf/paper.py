@@ -355,8 +355,9 @@ def _build(rows):
 # top1_error, top5_error, ece, recall_at_1.
 PAPER = _build(_ROWS)
 
-# Table 5: ImageNet top-1 error (1-crop), 90 epochs, batch 256; no std given.
-# ResNeXt-101 32x4d is not among our backbones, but kept for completeness.
+# Table 5 (section 3.2, "Evaluation on large-scale datasets"): ImageNet top-1 error (1-crop),
+# 90 epochs, batch 256, one decimal; the paper gives no std and no top-5 error. Its
+# "ResNeXt-101-32x4d" is `resnext101_32x4d`.
 PAPER.update(
     {
         ("imagenet", "resnet50", "ce"): {"top1_error": (24.0, None)},

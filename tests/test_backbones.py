@@ -26,6 +26,10 @@ TORCHVISION_RESNET34 = 21_797_672
 TORCHVISION_RESNET50 = 25_557_032
 TORCHVISION_RESNET101 = 44_549_160
 TORCHVISION_DENSENET121 = 7_978_856
+# torchvision's documented ResNeXt counts; it ships no ResNeXt-101 32x4d (the paper's Table 5).
+TORCHVISION_RESNEXT50_32X4D = 25_028_904
+TORCHVISION_RESNEXT101_32X8D = 88_791_336
+TORCHVISION_RESNEXT101_64X4D = 83_455_272
 
 WIDTHS = (64, 128, 256, 512)
 
@@ -70,6 +74,40 @@ RESNET10_IMAGENET = TORCHVISION_RESNET18 - _ONE_PER_STAGE
 # torchvision's own resnet34 count confirms the identity-block arithmetic.
 assert TORCHVISION_RESNET18 + _EXTRA_34 == TORCHVISION_RESNET34
 
+
+
+def _bottleneck_resnet(blocks, groups: int = 1, width_per_group: int = 64, classes: int = 1000):
+    """Parameters of torchvision's `ResNet(Bottleneck, blocks, groups, width_per_group)`, by hand.
+
+    Stem conv7x7(3->64) + bn1; per block: conv1 1x1 (in->w), bn1, grouped conv2 3x3 (w->w, so
+    9 * (w / groups) * w weights), bn2, conv3 1x1 (w->4p), bn3, plus the 1x1 downsample and its
+    BN on the first block of each stage; fc 2048->classes with bias. w = int(p * wpg / 64) * g.
+    """
+    total = 7 * 7 * 3 * 64 + 2 * 64
+    in_channels = 64
+    for planes, num_blocks in zip(WIDTHS, blocks):
+        width = int(planes * width_per_group / 64) * groups
+        out = 4 * planes
+        for index in range(num_blocks):
+            total += in_channels * width + 2 * width
+            total += 3 * 3 * (width // groups) * width + 2 * width
+            total += width * out + 2 * out
+            if index == 0:  # stride or channels change: downsample conv + BN
+                total += in_channels * out + 2 * out
+            in_channels = out
+    return total + 2048 * classes + classes
+
+
+# The formula reproduces every published torchvision bottleneck count, groups 1 and 32/64 ...
+assert _bottleneck_resnet((3, 4, 6, 3)) == TORCHVISION_RESNET50
+assert _bottleneck_resnet((3, 4, 23, 3)) == TORCHVISION_RESNET101
+assert _bottleneck_resnet((3, 4, 6, 3), 32, 4) == TORCHVISION_RESNEXT50_32X4D
+assert _bottleneck_resnet((3, 4, 23, 3), 32, 8) == TORCHVISION_RESNEXT101_32X8D
+assert _bottleneck_resnet((3, 4, 23, 3), 64, 4) == TORCHVISION_RESNEXT101_64X4D
+# ... so it gives torchvision's `ResNet(Bottleneck, [3, 4, 23, 3], groups=32, width_per_group=4)`.
+RESNEXT101_32X4D_IMAGENET = _bottleneck_resnet((3, 4, 23, 3), 32, 4)
+assert RESNEXT101_32X4D_IMAGENET == 44_177_704
+
 # DenseNet-121 with the 3x3 stem (authors' CIFAR_DenseNet121) on CIFAR-100: torchvision's model
 # minus the 7x7 stem conv and norm0 (gamma, beta), plus a 3x3 stem conv, with a 100-way head.
 DENSENET121_CIFAR100 = (
@@ -94,6 +132,7 @@ CASES = [
     ("resnet34", (64, 64, 3), 1000, TORCHVISION_RESNET34, 512),
     ("resnet50", (64, 64, 3), 1000, TORCHVISION_RESNET50, 2048),
     ("resnet101", (64, 64, 3), 1000, TORCHVISION_RESNET101, 2048),
+    ("resnext101_32x4d", (64, 64, 3), 1000, RESNEXT101_32X4D_IMAGENET, 2048),
     ("densenet121", (224, 224, 3), 1000, TORCHVISION_DENSENET121, 1024),
     ("densenet121", (32, 32, 3), 100, DENSENET121_CIFAR100, 1024),
     ("preact_resnet18", (32, 32, 3), 100, PREACT18_CIFAR100, 512),
@@ -256,6 +295,57 @@ def test_resnet50_widths_and_shapes():
     assert tuple(model.get_layer("layer4_2_out").output.shape) == (None, 2, 2, 2048)
 
 
+def test_resnext101_32x4d_widths_groups_and_shapes():
+    model = _build("resnext101_32x4d", (64, 64, 3), 1000)
+    # Stage of p planes: width int(p * 4 / 64) * 32 = 2p, output 4p; 23 blocks in layer3.
+    for stage, (planes, size) in enumerate(zip(WIDTHS, (16, 8, 4, 2)), 1):
+        width = 2 * planes
+        last = (3, 4, 23, 3)[stage - 1] - 1
+        block = f"layer{stage}_{last}"
+        assert model.get_layer(f"{block}_conv1").kernel.shape == (1, 1, 4 * planes, width)
+        conv2 = model.get_layer(f"{block}_conv2")
+        assert conv2.groups == 32
+        # Keras' grouped kernel is HWIO with I = in_channels / groups: 4 channels per group per
+        # 64 planes ("32x4d"), 4/8/16/32 in the four stages.
+        assert conv2.kernel.shape == (3, 3, width // 32, width) and width // 32 == planes // 16
+        assert model.get_layer(f"{block}_conv3").kernel.shape == (1, 1, width, 4 * planes)
+        assert tuple(model.get_layer(f"{block}_out").output.shape) == (
+            None, size, size, 4 * planes
+        )  # fmt: skip
+    # The stride is on the grouped 3x3 convolution, as in ResNet v1.5.
+    assert tuple(model.get_layer("layer2_0_conv1").output.shape) == (None, 16, 16, 256)
+    assert tuple(model.get_layer("layer2_0_conv2").output.shape) == (None, 8, 8, 256)
+    assert model.get_layer("layer2_0_downsample_conv").kernel.shape == (1, 1, 256, 512)
+    # Only the 3x3 convolutions of the blocks are grouped.
+    grouped = [l.name for l in model.layers if getattr(l, "groups", 1) != 1]
+    assert len(grouped) == 3 + 4 + 23 + 3
+    assert all(name.endswith("_conv2") for name in grouped)
+
+
+def test_resnext_init():
+    model = _build("resnext101_32x4d", (64, 64, 3), 1000)
+    kernel = _np(model.get_layer("layer4_1_conv2").kernel)
+    # kaiming_normal_(mode="fan_out") of a grouped weight [1024, 32, 3, 3]: PyTorch's fan_out is
+    # 1024 * 3 * 3 (size(0) times the receptive field, groups not divided out), as Keras' of
+    # the HWIO kernel (3, 3, 32, 1024).
+    assert kernel.shape == (3, 3, 32, 1024)
+    assert kernel.std() == pytest.approx(math.sqrt(2.0 / (9 * 1024)), rel=0.01)
+    assert np.abs(kernel).max() > 4 * kernel.std()
+    logits = model.get_layer("logits")
+    bound = 1.0 / math.sqrt(2048)  # fc at nn.Linear's defaults
+    assert _max_abs_within(_np(logits.kernel), bound)
+    assert _np(logits.kernel).std() == pytest.approx(bound / math.sqrt(3), rel=0.01)
+    assert _max_abs_within(_np(logits.bias), bound)
+    assert np.abs(_np(logits.bias)).max() > bound / 2
+
+
+def test_basic_blocks_refuse_groups():
+    from cskd_tf.backbones import resnet  # pylint: disable=g-import-not-at-top
+
+    with pytest.raises(ValueError, match="basic blocks support only groups=1"):
+        resnet.resnet("basic", (1, 1, 1, 1), 10, (32, 32, 3), name="resnext10", groups=32)
+
+
 def test_preact_resnet18_structure():
     model = _build("preact_resnet18", (32, 32, 3), 100)
     assert _spatial(model, "relu1") == (32, 32)
@@ -356,6 +446,53 @@ def test_conv2d_matches_torch_padding(size, kernel, stride, padding):
     weights = model.get_layer("conv").kernel
     expected = _torch_conv2d(x, keras.ops.convert_to_numpy(weights), stride, padding)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(model(x)), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "groups, kernel, stride, padding",
+    [(4, 3, 1, 1), (4, 3, 2, 1), (32, 3, 2, 1), (32, 3, 1, 1), (2, 1, 2, 0)],
+)
+def test_grouped_conv2d_is_the_concatenation_of_per_group_convs(groups, kernel, stride, padding):
+    in_channels, filters, size = 64, 128, 9
+    x = np.random.default_rng(6).normal(size=(2, size, size, in_channels)).astype("float32")
+    inputs = keras.Input((size, size, in_channels))
+    outputs = layers.conv2d(
+        inputs,
+        filters,
+        kernel,
+        stride=stride,
+        padding=padding,
+        groups=groups,
+        name="conv",
+        kernel_initializer=layers.kaiming_normal_initializer("fan_out"),
+    )
+    model = keras.Model(inputs, outputs)
+    weights = keras.ops.convert_to_numpy(model.get_layer("conv").kernel)
+    # HWIO with I = in_channels / groups; output channels [g * F/G, (g + 1) * F/G) are group g.
+    assert weights.shape == (kernel, kernel, in_channels // groups, filters)
+    cin, cout = in_channels // groups, filters // groups
+    expected = np.concatenate(
+        [
+            _torch_conv2d(
+                x[..., g * cin : (g + 1) * cin],
+                weights[..., g * cout : (g + 1) * cout],
+                stride,
+                padding,
+            )
+            for g in range(groups)
+        ],
+        axis=-1,
+    )
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(x)), expected, rtol=1e-4, atol=1e-4)
+    # The same as a dense convolution whose kernel is block-diagonal over the groups.
+    dense = np.zeros((kernel, kernel, in_channels, filters), np.float32)
+    for g in range(groups):
+        dense[:, :, g * cin : (g + 1) * cin, g * cout : (g + 1) * cout] = weights[
+            ..., g * cout : (g + 1) * cout
+        ]
+    np.testing.assert_allclose(
+        _torch_conv2d(x, dense, stride, padding), expected, rtol=1e-6, atol=1e-6
+    )
 
 
 def test_keras_same_padding_would_misalign():

@@ -19,6 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAPER_DIR = ROOT / "configs" / "paper"
 CONFIGS = sorted(PAPER_DIR.glob("*.flags"))
 DATASETS = ("cifar100", "tiny_imagenet", "cub", "stanford_dogs", "mit67")
+TABLE5_DATASETS = ("imagenet",)  # Table 5 is ImageNet alone.
 
 _spec = importlib.util.spec_from_file_location("make_configs", ROOT / "tools" / "make_configs.py")
 make_configs = importlib.util.module_from_spec(_spec)
@@ -51,7 +52,8 @@ def header_numbers(line):
     if line.endswith("no paper number."):
         return None
     return {
-        _LABELS[label]: (float(mean), None if std is None else float(std))
+        # findall gives "" for the std of a Table 5 number, which has none.
+        _LABELS[label]: (float(mean), float(std) if std else None)
         for label, mean, std in _NUMBER.findall(line)
     }
 
@@ -59,15 +61,15 @@ def header_numbers(line):
 def test_there_are_paper_configs():
     # Table 1: 6 methods x 2 backbones x 5 sets = 60; Table 2 adds 2 x 5 (DDGSD, BYOT), Table 3
     # 2 x 5 (Mixup), Table 4 4 x 5 (ResNet-10 student), Table 6 1 x 5 (CS-KD-E); the rest are
-    # shared.
-    assert len(CONFIGS) == 60 + 10 + 10 + 20 + 5
+    # shared. Table 5: 3 backbones x 2 methods on ImageNet.
+    assert len(CONFIGS) == 60 + 10 + 10 + 20 + 5 + 6
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
 def test_config_parses_and_its_header_is_the_papers(config):
     values = parse_flagfile(config)
     dataset, backbone, method = values["dataset"], values["backbone"], values["method"]
-    assert dataset in sources.names() and dataset in DATASETS
+    assert dataset in sources.names() and dataset in DATASETS + TABLE5_DATASETS
     assert backbone in backbones.names()
     assert method in train.METHODS
     assert config.name == f"{dataset}-{backbone}-{method}.flags"
@@ -122,7 +124,7 @@ def test_generator_is_idempotent(tmp_path):
 def test_every_implemented_paper_cell_has_a_config():
     names = {c.name for c in CONFIGS}
     for dataset, backbone, method in {**paper.PAPER, **paper.COMPARISONS}:
-        if dataset in DATASETS and method in train.METHODS:
+        if dataset in DATASETS + TABLE5_DATASETS and method in train.METHODS:
             assert f"{dataset}-{backbone}-{method}.flags" in names
 
 
@@ -141,6 +143,50 @@ def test_headers_known_answers():
         "# Table 6, ResNet-18, MIT67, CS-KD-E: no paper top-1 error (top-5 error 18.21 ± 0.45%"
     )
     assert first_line("cub-densenet121-cskd.flags").startswith("# Table 1 (teacher of Table 4), ")
+
+
+def test_table5_configs():
+    # Hard-coded from the CVPR 2020 paper, Table 5 (ImageNet, top-1 error, 1-crop; no std).
+    expected = {
+        ("resnet50", "ce"): 24.0,
+        ("resnet50", "cskd"): 23.6,
+        ("resnet101", "ce"): 22.4,
+        ("resnet101", "cskd"): 22.0,
+        ("resnext101_32x4d", "ce"): 21.6,
+        ("resnext101_32x4d", "cskd"): 21.2,
+    }
+    table5 = {}
+    for config in CONFIGS:
+        values = parse_flagfile(config)
+        if values["dataset"] == "imagenet":
+            table5[values["backbone"], values["method"]] = values
+            assert (values["epochs"], values["batch_size"]) == (90, 256)  # Table 5's caption
+            assert paper.paper_numbers("imagenet", values["backbone"], values["method"]) == {
+                "top1_error": (expected[values["backbone"], values["method"]], None)
+            }
+    assert set(table5) == set(expected)
+
+    def lines(name):
+        return (PAPER_DIR / name).read_text(encoding="utf-8").splitlines()
+
+    cskd = lines("imagenet-resnext101_32x4d-cskd.flags")
+    assert cskd[0] == "# Table 5, ResNeXt-101-32x4d, ImageNet, CS-KD: paper top-1 error 21.2%."
+    assert cskd[2].startswith("# Table 5 gives neither T, lambda_cls nor the learning-rate ")
+    assert cskd[3:] == ["--flagfile=configs/imagenet.flags", "--backbone=resnext101_32x4d"]
+    ce = lines("imagenet-resnext101_32x4d-ce.flags")
+    assert ce[0] == (
+        "# Table 5, ResNeXt-101-32x4d, ImageNet, Cross-entropy: paper top-1 error 21.6%."
+    )
+    assert ce[3:] == [
+        "--flagfile=configs/imagenet.flags",
+        "--method=ce",
+        "--backbone=resnext101_32x4d",
+    ]
+    # ResNet-50 is configs/imagenet.flags' own backbone: its CS-KD cell adds nothing.
+    assert lines("imagenet-resnet50-cskd.flags")[3:] == ["--flagfile=configs/imagenet.flags"]
+    # The one-step test runs both ResNeXt cells by default: no other flagfile has its backbone.
+    for method in ("ce", "cskd"):
+        assert PAPER_DIR / f"imagenet-resnext101_32x4d-{method}.flags" in _REPRESENTATIVES
 
 
 def test_paper_numbers_spot_checks():
@@ -230,8 +276,10 @@ def _representatives():
 
 
 _REPRESENTATIVES = _representatives()
-# Every flagfile runs one step with CSKD_TF_EXHAUSTIVE=1 (about 17 minutes on 2 CPU cores);
-# by default, to keep CI short, the representatives (about 5 minutes).
+# Every flagfile runs one step with CSKD_TF_EXHAUSTIVE=1 (about 22 minutes on 2 CPU cores);
+# by default, to keep CI short, the representatives (about 10 minutes, almost 4 of them the
+# two ResNeXt-101 cells: Keras runs grouped convolutions through XLA, whose CPU kernel gradient
+# takes seconds per convolution).
 _ONE_STEP = [
     pytest.param(p, marks=() if p in _REPRESENTATIVES else pytest.mark.exhaustive)
     for p in ALL_FLAGFILES

@@ -11,6 +11,7 @@ pooled penultimate features `[batch, D]`, which recall@1 and the t-SNE analysis 
 | `preact_resnet10/18/34` | authors' CIFAR PreAct ResNet, 3x3 stem | 32x32 | 512 |
 | `resnet10/18/34` | torchvision ResNet, basic blocks, 7x7 stem | 224x224 | 512 |
 | `resnet50/101` | torchvision ResNet v1.5, bottleneck blocks | 224x224 | 2048 |
+| `resnext101_32x4d` | torchvision ResNeXt, bottleneck blocks, 32 groups | 224x224 | 2048 |
 | `densenet121` | DenseNet-BC; 3x3 stem if height <= 64, else 7x7 | any | 1024 |
 | `small_convnet` | 3 convolutions with batch-norm (offline demo) | 8x8 | 64 |
 | `mlp` | 2 dense layers, no batch-norm (replica tests) | any | 64 |
@@ -37,6 +38,7 @@ _REGISTRY: dict[str, Callable[[int, tuple[int, int, int]], keras.Model]] = {
     "resnet34": resnet.resnet34,
     "resnet50": resnet.resnet50,
     "resnet101": resnet.resnet101,
+    "resnext101_32x4d": resnet.resnext101_32x4d,
     "small_convnet": small.small_convnet,
 }
 

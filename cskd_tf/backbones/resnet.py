@@ -10,9 +10,17 @@ ResNet-10/18 use basic blocks (two 3x3 convolutions); ResNet-50/101 use bottlene
 the stride on the 3x3 convolution ("ResNet v1.5") and expansion 4. The first block of a stage
 gets a downsample shortcut (1x1 convolution with the block's stride, then BN) when the stride or
 the channel count changes. The block output is `ReLU(branch + shortcut)`.
+
+ResNeXt (Xie et al., CVPR 2017) is torchvision's same `ResNet` with `groups` and
+`width_per_group`: a stage of `planes` (64/128/256/512) has bottleneck width
+`int(planes * width_per_group / 64) * groups` and a grouped 3x3 convolution, the output still
+`4 * planes`. ResNeXt-101 32x4d (Table 5) is `ResNet(Bottleneck, [3, 4, 23, 3], groups=32,
+width_per_group=4)`; ResNet-50/101 are `groups=1, width_per_group=64`.
 """
 
 from __future__ import annotations
+
+import functools
 
 import keras
 
@@ -79,20 +87,32 @@ def _basic_block(x, in_channels: int, width: int, stride: int, name: str):
     return layers.relu(out, name=f"{name}_out"), width
 
 
-def _bottleneck_block(x, in_channels: int, width: int, stride: int, name: str):
-    """torchvision's `Bottleneck` (expansion 4, stride on the 3x3 convolution).
+def _bottleneck_block(
+    x,
+    in_channels: int,
+    planes: int,
+    stride: int,
+    name: str,
+    groups: int = 1,
+    width_per_group: int = 64,
+):
+    """torchvision's `Bottleneck` (expansion 4, stride on the grouped 3x3 convolution).
 
     Args:
         x: KerasTensor. Block input with `in_channels` channels.
         in_channels: int. Channels of `x`.
-        width: int. Bottleneck width; the output has `4 * width` channels.
+        planes: int. The stage's width (64/128/256/512); the output has `4 * planes` channels.
         stride: int. Stride of the 3x3 convolution.
         name: str. Layer-name prefix, e.g. `layer2_0`.
+        groups: int. Groups of the 3x3 convolution (torchvision's `groups`; 32 for ResNeXt).
+        width_per_group: int. torchvision's `width_per_group` (`base_width`): the width is
+            `int(planes * width_per_group / 64) * groups` (`planes` for ResNet's 1 x 64).
 
     Returns:
         tuple[KerasTensor, int]. Block output and its channel count.
     """
-    out_channels = 4 * width
+    width = int(planes * (width_per_group / 64.0)) * groups
+    out_channels = 4 * planes
     if stride != 1 or in_channels != out_channels:
         shortcut = _downsample(x, out_channels, stride, name)
     else:
@@ -103,7 +123,13 @@ def _bottleneck_block(x, in_channels: int, width: int, stride: int, name: str):
     out = layers.batch_norm(out, name=f"{name}_bn1")
     out = layers.relu(out, name=f"{name}_relu1")
     out = layers.conv2d(
-        out, width, 3, stride=stride, name=f"{name}_conv2", kernel_initializer=_conv_init()
+        out,
+        width,
+        3,
+        stride=stride,
+        groups=groups,
+        name=f"{name}_conv2",
+        kernel_initializer=_conv_init(),
     )
     out = layers.batch_norm(out, name=f"{name}_bn2")
     out = layers.relu(out, name=f"{name}_relu2")
@@ -121,8 +147,10 @@ def resnet(
     num_classes: int,
     input_shape: tuple[int, int, int],
     name: str,
+    groups: int = 1,
+    width_per_group: int = 64,
 ) -> keras.Model:
-    """Builds a torchvision-style ResNet.
+    """Builds a torchvision-style ResNet or ResNeXt.
 
     Args:
         block: str. `"basic"` or `"bottleneck"`.
@@ -130,17 +158,36 @@ def resnet(
         num_classes: int. Number of classes.
         input_shape: tuple[int, int, int]. (height, width, channels) of normalised images.
         name: str. Model name.
+        groups: int. Groups of the bottleneck 3x3 convolutions (torchvision's `groups`).
+        width_per_group: int. torchvision's `width_per_group` (bottleneck width per group
+            and per 64 planes).
 
     Returns:
         keras.Model. Maps images to float32 logits [batch, num_classes]; its layer `features`
         outputs the pooled penultimate features (512-d for basic, 2048-d for bottleneck blocks).
 
+    Raises:
+        ValueError: if basic blocks are asked for with groups or a width other than torchvision's
+            `BasicBlock` supports (1 and 64).
+
     Reference:
-        He et al., "Deep Residual Learning for Image Recognition", CVPR 2016; CS-KD
-        (Yun et al., CVPR 2020), section 3.1, "Network architecture".
+        He et al., "Deep Residual Learning for Image Recognition", CVPR 2016; Xie et al.,
+        "Aggregated Residual Transformations for Deep Neural Networks" (ResNeXt), CVPR 2017;
+        CS-KD (Yun et al., CVPR 2020), section 3.1, "Network architecture", and Table 5.
     """
     input_shape = layers.check_arguments(name, num_classes, input_shape)
-    make_block = {"basic": _basic_block, "bottleneck": _bottleneck_block}[block]
+    if block == "basic" and (groups != 1 or width_per_group != 64):
+        raise ValueError(
+            f"Backbone '{name}': basic blocks support only groups=1 and width_per_group=64 "
+            f"(as torchvision's BasicBlock), got groups={groups}, "
+            f"width_per_group={width_per_group}."
+        )
+    make_block = {
+        "basic": _basic_block,
+        "bottleneck": functools.partial(
+            _bottleneck_block, groups=groups, width_per_group=width_per_group
+        ),
+    }[block]
     inputs = keras.Input(shape=input_shape, name="images")
     x = layers.conv2d(
         inputs, 64, 7, stride=2, padding=3, name="conv1", kernel_initializer=_conv_init()
@@ -229,3 +276,27 @@ def resnet101(num_classes: int, input_shape: tuple[int, int, int]) -> keras.Mode
         keras.Model. The backbone, named `resnet101`.
     """
     return resnet("bottleneck", (3, 4, 23, 3), num_classes, input_shape, name="resnet101")
+
+
+def resnext101_32x4d(num_classes: int, input_shape: tuple[int, int, int]) -> keras.Model:
+    """ResNeXt-101 32x4d (bottleneck blocks [3, 4, 23, 3], 32 groups of width 4 per 64 planes).
+
+    torchvision's `ResNet(Bottleneck, [3, 4, 23, 3], groups=32, width_per_group=4)`: bottleneck
+    widths 128/256/512/1024, outputs 256/512/1024/2048; used in the paper's ImageNet table 5.
+
+    Args:
+        num_classes: int. Number of classes.
+        input_shape: tuple[int, int, int]. (height, width, channels).
+
+    Returns:
+        keras.Model. The backbone, named `resnext101_32x4d`.
+    """
+    return resnet(
+        "bottleneck",
+        (3, 4, 23, 3),
+        num_classes,
+        input_shape,
+        name="resnext101_32x4d",
+        groups=32,
+        width_per_group=4,
+    )
