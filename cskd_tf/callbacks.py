@@ -166,8 +166,14 @@ class EvaluationCallback(keras.callbacks.Callback):
         if self._predictor_model is not self.model:
             self._predictor, self._predictor_model = Predictor(self.model), self.model
         outputs = self._predictor(self.data)
+        # The paper's metrics only: the calibration metrics other papers compare
+        # (`ece_15`, `brier`, ...) are reported once, in metrics.json.
         results = metrics.classification_metrics(
-            outputs.logits, outputs.labels, features=outputs.features, num_bins=self.num_bins
+            outputs.logits,
+            outputs.labels,
+            features=outputs.features,
+            num_bins=self.num_bins,
+            extra_calibration=False,
         )
         results.pop("num_examples")
         logs.update({self.prefix + name: value for name, value in results.items()})

@@ -9,9 +9,15 @@ For each run folder (its `checkpoints/last.keras`, or `best.keras` with
 SavedModel signatures, with its fitted temperature) one prediction pass over the test split (or, with
 `--split=val`, the run's validation split) gives logits and pooled features.
 `--out` receives `metrics.json` (per run: top-1 / top-5 error, NLL, ECE, AURC,
-recall@1, as fractions) and four figures, the runs overlaid or side by side:
+recall@1, the calibration metrics other papers compare (`ece_15`, `adaptive_ece`,
+`classwise_ece`, `mce`, `brier`; see `cskd_tf.metrics.classification_metrics`),
+as fractions) and the figures, the runs overlaid or side by side:
 `reliability.png` (paper Fig. 5), `log_prob_histograms.png` (Fig. 2),
-`tsne.png` (Fig. 3) and `predictive_distributions.png` (Fig. 1b).
+`tsne.png` (Fig. 3) and `predictive_distributions.png` (Fig. 1b); for a data set
+with label groups (`--dataset=mixed`) `hierarchical_confusion.png` (Fig. 4: the
+group confusion matrices and each group's fine-label error); and, from the run
+folders' `history.csv` (export folders have none), `learning_curves.png` (loss
+and its parts, top-1 error and ECE per epoch).
 """
 
 import json
@@ -24,6 +30,8 @@ from cskd_tf.errors import UserError
 
 LABELS = {"ce": "CE", "cskd": "CS-KD"}
 FIGURES = ("reliability", "log_prob_histograms", "tsne", "predictive_distributions")
+# Written when the data set has label groups, and when a run folder has its history.csv.
+OPTIONAL_FIGURES = ("hierarchical_confusion", "learning_curves")
 _FLAGS = {}
 
 
@@ -86,7 +94,8 @@ def run(runs, labels=(), checkpoint="last", split="test", out=None, data_dir=Non
     Args: as the flags of the same names (`runs`: the run folders).
 
     Returns:
-      dict with `metrics` ({label: metrics}), `figures` ({name: path}) and `out`.
+      dict with `metrics` ({label: metrics}), `figures` ({name: path}: `FIGURES`, and those
+      of `OPTIONAL_FIGURES` that apply) and `out`.
     """
     import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -127,6 +136,17 @@ def run(runs, labels=(), checkpoint="last", split="test", out=None, data_dir=Non
         _check(len(runs) == 1, "Name an output folder with --out when comparing runs.")
         out = os.path.join(runs[0], "eval")
     _check(not os.path.isfile(out), f"--out={out} is a file; name a folder (it will be created).")
+    histories = []  # The learning curves' input, read now so that a bad file fails early.
+    for label, folder in zip(labels, runs):
+        history = os.path.join(folder, "history.csv")
+        if not os.path.isfile(history):
+            continue
+        try:
+            columns = figures.read_history(history)
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise UserError(f"Cannot read {history}: {err}") from err
+        if columns and len(next(iter(columns.values()))):  # No epoch yet: nothing to draw.
+            histories.append(dict(label=label, history=columns))
 
     # --- Data ------------------------------------------------------------------
     source = data.load(first["dataset"], data_dir or first["data_dir"])
@@ -169,7 +189,14 @@ def run(runs, labels=(), checkpoint="last", split="test", out=None, data_dir=Non
 
     # --- Save ------------------------------------------------------------------
     os.makedirs(out, exist_ok=True)
-    paths = figures.write_all(predictions, out, class_names=list(source.class_names) or None)
+    paths = figures.write_all(
+        predictions,
+        out,
+        class_names=list(source.class_names) or None,
+        groups=source.groups,
+        group_names=source.group_names,
+        histories=histories,
+    )
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(results, f, indent=2, sort_keys=True)
     return dict(metrics=results, figures=paths, out=out)
@@ -182,7 +209,8 @@ def main(argv):
     print("run".ljust(24) + "".join(c.rjust(13) for c in columns))
     for label, m in result["metrics"].items():
         print(label[:24].ljust(24) + "".join(f"{100 * m[c]:12.2f}%" for c in columns))
-    print(f"Wrote {result['out']}/metrics.json and {', '.join(f'{n}.png' for n in FIGURES)}.")
+    names = ", ".join(f"{name}.png" for name in result["figures"])
+    print(f"Wrote {result['out']}/metrics.json and {names}.")
 
 
 def cli():

@@ -1,4 +1,4 @@
-"""The paper's analysis figures, drawn from saved predictions (CVPR 2020, Figures 1b, 2, 3, 5).
+"""The paper's analysis figures, drawn from saved predictions (CVPR 2020, Figures 1b, 2-5).
 
 Every function takes `runs`, a list of predictions of trained classifiers on one evaluation
 set, each a dict:
@@ -8,16 +8,22 @@ set, each a dict:
      "labels": [N],         # int, identical (same examples, same order) in every run
      "features": [N, D]}    # float, pooled penultimate features; only plot_tsne needs them
 
+`plot_learning_curves` instead takes the per-epoch logs of runs (`read_history` reads a run
+folder's `history.csv`).
+
 Each `plot_*` function writes one PNG and returns the numbers it plotted, so that tests can
 check them against an independent computation. Figures are built with matplotlib's object API
 (`matplotlib.figure.Figure`), never `pyplot`: no global figure state and no display backend,
 so this runs headless.
 """
 
+import csv
 import os
 
 import numpy as np
+from matplotlib import ticker
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from scipy import special
 from sklearn import manifold
 
@@ -575,12 +581,338 @@ def plot_predictive_distributions(runs, path, num_samples=4, top=10, class_names
 
 
 # ----------------------------------------------------------------------------------------------
-# All four.
+# Figure 4: hierarchical confusion of the mixed set.
 # ----------------------------------------------------------------------------------------------
 
 
-def write_all(runs, out_dir, class_names=None, num_bins=20, seed=0):
-    """Writes the four figures into `out_dir` (created if needed).
+def _panel_letter(i):
+    return f"({chr(ord('a') + i)})" if i < 26 else f"({i + 1})"
+
+
+def plot_hierarchical_confusion(runs, path, groups, group_names=None):
+    """Group confusion matrices and per-group fine-label error (Figure 4, mixed data set).
+
+    One panel per run: the confusion of true group (rows) against the group of the predicted
+    fine label (columns), each row normalised to sum to 1 (`metrics.hierarchical_confusion`;
+    its diagonal is each group's hierarchical accuracy), the percentages written in the cells
+    and the overall `metrics.hierarchical_accuracy` in the title (Figure 4a/b). A last panel
+    shows, per true group, the fine-label top-1 error of each run over that group's examples
+    (Figure 4c), as `metrics.classification_metrics` reports it (`group_top1_error_<g>`).
+
+    Args:
+        runs: list of run dicts (see the module docstring).
+        path: str or os.PathLike. Where the PNG goes.
+        groups: int sequence `[C]`. The group of each fine label (`DataSource.groups`).
+        group_names: sequence of str or None. The name of each group; indices if None/empty.
+
+    Returns:
+        dict mapping each run's label to a dict of `confusion` (float array `[G, G]`, the
+        matrix drawn), `top1_error` (float array `[G]`, fractions; NaN for a group without
+        examples, drawn as an empty bar marked "n/a", its matrix row as dashes),
+        `hierarchical_accuracy` (float) and `count` (int array `[G]`, the examples of each
+        true group).
+    """
+    runs = _check_runs(runs)
+    groups = np.asarray(groups, np.int64)
+    num_groups = int(groups.max()) + 1 if groups.size else 0
+    names = [str(g) for g in range(num_groups)]
+    if group_names is not None and len(group_names):
+        if len(group_names) < num_groups:
+            raise ValueError(f"group_names has {len(group_names)} entries for {num_groups} groups.")
+        names = [str(name) for name in group_names[:num_groups]]
+    results = {}
+    for run in runs:
+        # Raises ValueError for groups of the wrong shape or with negative entries.
+        confusion = metrics.hierarchical_confusion(run["logits"], run["labels"], groups, num_groups)
+        true_groups = groups[run["labels"]]
+        count = np.bincount(true_groups, minlength=num_groups)
+        error = np.full(num_groups, np.nan)
+        for g in np.flatnonzero(count):
+            members = true_groups == g
+            error[g] = metrics.top_k_error(run["logits"][members], run["labels"][members], 1)
+        results[run["label"]] = {
+            "confusion": confusion,
+            "top1_error": error,
+            "hierarchical_accuracy": metrics.hierarchical_accuracy(
+                run["logits"], run["labels"], groups
+            ),
+            "count": count,
+        }
+
+    size = max(3.2, 0.9 * num_groups + 1.0)  # Room for a number in every cell.
+    fig = Figure(figsize=(size * len(runs) + size + 1.6, size + 0.9), layout="constrained")
+    axes = np.atleast_1d(
+        fig.subplots(1, len(runs) + 1, width_ratios=[1.0] * len(runs) + [1.3])
+    )
+    count = results[runs[0]["label"]]["count"]
+    row_names = [f"{name}\n(n={n})" for name, n in zip(names, count)]
+    for i, (ax, run) in enumerate(zip(axes, runs)):
+        result = results[run["label"]]
+        matrix = result["confusion"]
+        ax.imshow(matrix, cmap="Blues", vmin=0.0, vmax=1.0)
+        for r in range(num_groups):
+            for c in range(num_groups):
+                if count[r] == 0:
+                    text, colour = "—", "0.5"
+                else:
+                    text = f"{100 * matrix[r, c]:.1f}"
+                    colour = "white" if matrix[r, c] > 0.6 else "black"
+                ax.text(c, r, text, ha="center", va="center", color=colour, fontsize=11)
+        ax.set_xticks(np.arange(num_groups), names)
+        ax.set_yticks(np.arange(num_groups), row_names if i == 0 else names)
+        ax.set_xlabel("Predicted group")
+        if i == 0:
+            ax.set_ylabel("True group")
+        ax.set_title(
+            f"{_panel_letter(i)} {run['label']}\n"
+            f"hierarchical accuracy {100 * result['hierarchical_accuracy']:.2f}%"
+        )
+    bars = axes[-1]
+    width = 0.8 / len(runs)
+    x = np.arange(num_groups)
+    top = 0.0
+    for r, run in enumerate(runs):
+        error = results[run["label"]]["top1_error"]
+        heights = 100 * np.nan_to_num(error, nan=0.0)
+        container = bars.bar(
+            x + (r - (len(runs) - 1) / 2) * width,
+            heights,
+            width=width,
+            color=_run_colour(r),
+            label=run["label"],
+        )
+        bars.bar_label(
+            container,
+            labels=[f"{100 * e:.1f}" if np.isfinite(e) else "n/a" for e in error],
+            padding=2,
+            fontsize=9,
+        )
+        top = max(top, float(heights.max(initial=0.0)))
+    bars.set_xticks(x, names)
+    bars.set_xlim(-0.6, num_groups - 0.4)
+    # Head room for the numbers on the bars, and the legend above the tallest.
+    bars.set_ylim(0.0, max(1.0, top) * 1.3)
+    bars.set_xlabel("True group")
+    bars.set_ylabel("Fine-label top-1 error (%)")
+    bars.set_title(f"{_panel_letter(len(runs))} Top-1 error within each group")
+    bars.legend(loc="upper center", ncols=min(len(runs), 3), framealpha=0.9)
+    bars.grid(axis="y", alpha=0.3)
+    fig.suptitle(
+        "Hierarchical classification: where each true group's examples are predicted "
+        "(% of the row)"
+    )
+    _save(fig, path)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning curves from history.csv.
+# ----------------------------------------------------------------------------------------------
+
+# Column prefix, name in the legend, line style, marker (None: only with few epochs).
+_SPLITS = (
+    ("", "train", "-", None),
+    ("val_", "validation", "--", "o"),
+    ("test_", "test", "-.", "s"),
+)
+
+
+def read_history(path):
+    """Reads the per-epoch logs `history.csv` of a run folder (`cskd_tf.train` writes it).
+
+    Args:
+        path: str or os.PathLike. The CSV file: a header row, then one row per epoch.
+
+    Returns:
+        dict mapping each column (`epoch`, `loss`, `ce_loss`, `accuracy`, `val_ece`, ...) to a
+        float array, NaN where the file says `NA` (an epoch the `EvaluationCallback` skipped)
+        or holds no number. An empty file (a run stopped before its first epoch ended) gives
+        an empty dict.
+
+    Raises:
+        ValueError: the first row is empty, or a row has more or fewer cells than it.
+    """
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return {}
+    if not rows[0]:
+        raise ValueError(f"{os.fspath(path)} has no header row.")
+    header, body = rows[0], [row for row in rows[1:] if row]
+    for i, row in enumerate(body):
+        if len(row) != len(header):
+            raise ValueError(
+                f"{os.fspath(path)}: row {i + 2} has {len(row)} cells for {len(header)} columns."
+            )
+
+    def number(cell):
+        try:
+            return float(cell)
+        except ValueError:
+            return np.nan
+
+    return {
+        name: np.array([number(row[j]) for row in body], np.float64)
+        for j, name in enumerate(header)
+    }
+
+
+def _check_histories(histories):
+    if isinstance(histories, dict) or not isinstance(histories, (list, tuple)) or not histories:
+        raise ValueError("histories must be a non-empty list of dicts with label and history.")
+    checked = []
+    for i, entry in enumerate(histories):
+        missing = [key for key in ("label", "history") if key not in entry]
+        if missing:
+            raise ValueError(f"History {i} lacks the key(s) {', '.join(missing)}.")
+        label = str(entry["label"])
+        columns = {k: np.asarray(v, np.float64).ravel() for k, v in entry["history"].items()}
+        lengths = {len(v) for v in columns.values()}
+        if len(lengths) != 1 or not lengths.pop():
+            raise ValueError(f"History '{label}' needs columns of one, non-zero length.")
+        checked.append({"label": label, "history": columns})
+    names = [entry["label"] for entry in checked]
+    if len(set(names)) != len(names):
+        raise ValueError(f"History labels must be unique; got {names}.")
+    return checked
+
+
+def _loss_names(histories):
+    """Training-loss columns of all runs: `loss`, `ce_loss`, then the other `*_loss`, sorted."""
+    names = set()
+    for entry in histories:
+        for column in entry["history"]:
+            if column.startswith(("val_", "test_")):
+                continue
+            if column == "loss" or column.endswith("_loss"):
+                names.add(column)
+    return sorted(names, key=lambda name: (name != "loss", name != "ce_loss", name))
+
+
+def plot_learning_curves(histories, path):
+    """Per-epoch training curves of one or more runs, overlaid: loss parts, top-1 error, ECE.
+
+    One panel per loss column found in any run (`loss`, the total, then each part the method
+    logs: `ce_loss`, then the others sorted, `cls_loss`, ...; a `val_`/`test_` copy, if
+    logged, in the same panel), then the top-1 error in percent (training:
+    `100 * (1 - accuracy)`, the running mean over the epoch, solid; held out:
+    `100 * val_top1_error` dashed, or `100 * test_top1_error` dash-dotted, as the run logged
+    it), then the ECE in percent (`val_ece` / `test_ece`, the paper's 20 bins). Epochs are
+    numbered from 1 (the CSV's 0-based `epoch` + 1, or the row number without that column); a
+    series is drawn at the epochs that have a value (with `--eval_every` > 1 the others are
+    `NA`), joined by lines, with markers. One colour per run; a panel whose values are all
+    non-negative starts at 0.
+
+    Args:
+        histories: list of dicts `{"label": str, "history": {column: sequence}}`, e.g. with
+            `read_history(RUN/history.csv)` or a Keras `History.history`. Labels unique.
+        path: str or os.PathLike. Where the PNG goes.
+
+    Returns:
+        dict mapping each run's label to `{series: {"epoch": array, "value": array}}`, the
+        points drawn: series are the loss columns (as logged), `train_top1_error`, and
+        `<prefix>top1_error` / `<prefix>ece` (prefix `val_` or `test_`), in percent.
+    """
+    histories = _check_histories(histories)
+    losses = _loss_names(histories)
+    panels = [(name, "loss (total)" if name == "loss" else name, "Loss") for name in losses]
+    panels += [("top1_error", "Top-1 error", "Top-1 error (%)"), ("ece", "ECE", "ECE (%)")]
+    results = {entry["label"]: {} for entry in histories}
+    drawn = {panel: [] for panel, _, _ in panels}  # (run index, series, split)
+    for r, entry in enumerate(histories):
+        history = entry["history"]
+        n = len(next(iter(history.values())))
+        epochs = history["epoch"] + 1 if "epoch" in history else np.arange(1.0, n + 1)
+
+        def add(panel, series, values, split, r=r, epochs=epochs, label=entry["label"]):
+            finite = np.isfinite(values)
+            if finite.any():
+                results[label][series] = {"epoch": epochs[finite], "value": values[finite]}
+                drawn[panel].append((r, series, split))
+
+        for name in losses:
+            for prefix, split, _, _ in _SPLITS:
+                if prefix + name in history:
+                    add(name, prefix + name, history[prefix + name], split)
+        if "accuracy" in history:
+            add("top1_error", "train_top1_error", 100.0 * (1.0 - history["accuracy"]), "train")
+        for prefix, split, _, _ in _SPLITS[1:]:
+            for panel in ("top1_error", "ece"):
+                if prefix + panel in history:
+                    add(panel, prefix + panel, 100.0 * history[prefix + panel], split)
+    panels = [panel for panel in panels if drawn[panel[0]]]
+    if not panels:
+        raise ValueError("No history holds a loss, accuracy, top-1 error or ECE column to plot.")
+
+    # Rows of at most 3 panels, or 4 from 7 panels on (7 and 8 fit two rows).
+    nrows = -(-len(panels) // (4 if len(panels) > 6 else 3))
+    ncols = -(-len(panels) // nrows)
+    fig = Figure(figsize=(4.4 * ncols, 3.4 * nrows + 0.9), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for ax in axes[len(panels) :]:
+        ax.set_axis_off()
+    styles = {split: (line, marker) for _, split, line, marker in _SPLITS}
+    splits_shown = set()
+    for ax, (panel, title, ylabel) in zip(axes, panels):
+        for r, series, split in drawn[panel]:
+            label = histories[r]["label"]
+            points = results[label][series]
+            line, marker = styles[split]
+            if marker is None and len(points["epoch"]) <= 30:  # Few epochs: show each one.
+                marker = "."
+            ax.plot(
+                points["epoch"],
+                points["value"],
+                linestyle=line,
+                marker=marker,
+                markersize=4,
+                color=_run_colour(r),
+                label=f"{label} ({split})",
+                gid=f"{label}|{series}",
+            )
+            splits_shown.add(split)
+        ax.set_title(title)
+        ax.set_xlabel("Epoch")
+        ax.set_ylabel(ylabel)
+        if all(results[histories[r]["label"]][s]["value"].min() >= 0 for r, s, _ in drawn[panel]):
+            ax.set_ylim(bottom=0.0)  # Errors, ECE and most losses: compare heights from 0.
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    handles = [
+        Line2D([], [], color=_run_colour(r), linewidth=2.5, label=entry["label"])
+        for r, entry in enumerate(histories)
+    ]
+    handles += [
+        Line2D([], [], color="0.3", linestyle=line, marker=marker, markersize=4, label=split)
+        for _, split, line, marker in _SPLITS
+        if split in splits_shown
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6))
+    runs = "one run" if len(histories) == 1 else f"{len(histories)} runs"
+    fig.suptitle(f"Learning curves ({runs})")
+    _save(fig, path)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# All of them.
+# ----------------------------------------------------------------------------------------------
+
+
+def write_all(
+    runs,
+    out_dir,
+    class_names=None,
+    num_bins=20,
+    seed=0,
+    groups=None,
+    group_names=None,
+    histories=None,
+):
+    """Writes the figures into `out_dir` (created if needed).
+
+    The four prediction figures always; Figure 4 with `groups` (a data set with a label
+    hierarchy, the mixed set), the learning curves with `histories`.
 
     Args:
         runs: list of run dicts, with `features` (see the module docstring).
@@ -588,22 +920,37 @@ def write_all(runs, out_dir, class_names=None, num_bins=20, seed=0):
         class_names: list of str or None. Class ids if None.
         num_bins: int. Reliability diagram bins.
         seed: int. Seeds t-SNE and the choice of examples.
+        groups: int sequence `[C]` or None. The group of each fine label; None or empty: no
+            `hierarchical_confusion.png`.
+        group_names: sequence of str or None. The groups' names.
+        histories: list of `{"label", "history"}` dicts or None (see `plot_learning_curves`);
+            None or empty: no `learning_curves.png`.
 
     Returns:
         dict mapping `reliability`, `log_prob_histograms`, `tsne` and
-        `predictive_distributions` to the PNG paths.
+        `predictive_distributions`, then `hierarchical_confusion` and `learning_curves` when
+        drawn, to the PNG paths.
     """
     # Checked once up front, so a bad input fails before any file is written.
-    _refuse_label_indices(_check_runs(runs, need_features=True))
+    checked = _check_runs(runs, need_features=True)
+    _refuse_label_indices(checked)
+    hierarchical = groups is not None and len(groups) > 0
+    if hierarchical:
+        metrics.hierarchical_confusion(checked[0]["logits"], checked[0]["labels"], groups)
+    if histories:
+        _check_histories(histories)
     os.makedirs(out_dir, exist_ok=True)
-    paths = {
-        name: os.path.join(out_dir, f"{name}.png")
-        for name in ("reliability", "log_prob_histograms", "tsne", "predictive_distributions")
-    }
+    names = ["reliability", "log_prob_histograms", "tsne", "predictive_distributions"]
+    names += ["hierarchical_confusion"] * hierarchical + ["learning_curves"] * bool(histories)
+    paths = {name: os.path.join(out_dir, f"{name}.png") for name in names}
     plot_reliability(runs, paths["reliability"], num_bins=num_bins)
     plot_log_prob_histograms(runs, paths["log_prob_histograms"])
     plot_tsne(runs, paths["tsne"], seed=seed, class_names=class_names)
     plot_predictive_distributions(
         runs, paths["predictive_distributions"], class_names=class_names, seed=seed
     )
+    if hierarchical:
+        plot_hierarchical_confusion(runs, paths["hierarchical_confusion"], groups, group_names)
+    if histories:
+        plot_learning_curves(histories, paths["learning_curves"])
     return paths

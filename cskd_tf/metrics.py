@@ -31,7 +31,13 @@ def negative_log_likelihood(logits, labels):
 
 
 def classification_metrics(
-    logits, labels, features=None, num_bins=20, groups=None, group_names=None
+    logits,
+    labels,
+    features=None,
+    num_bins=20,
+    groups=None,
+    group_names=None,
+    extra_calibration=True,
 ):
     """What every run reports, as fractions.
 
@@ -40,16 +46,25 @@ def classification_metrics(
       labels: int array `[N]`.
       features: optional float array `[N, D]` of pooled penultimate features;
         given, `recall_at_1` is reported too.
-      num_bins: int. ECE bins (the paper uses 20).
+      num_bins: int. Bins of `ece` (the paper uses 20); the other calibration
+        metrics keep their own, fixed bin counts.
       groups: optional int sequence `[C]`, the coarse group of each fine label
         (`DataSource.groups`); given (and not empty), the hierarchical metrics
         below are reported too.
       group_names: optional sequence of str, the name of each group
         (`DataSource.group_names`), used in the keys; group indices if None or empty.
+      extra_calibration: bool. Also report the calibration metrics that other
+        papers compare, beside the paper's `ece`: `ece_15`
+        (`expected_calibration_error` with 15 bins), `adaptive_ece`
+        (`adaptive_calibration_error`, 15 equal-mass bins), `classwise_ece`
+        (`classwise_calibration_error`, 15 bins), `mce`
+        (`maximum_calibration_error`, 20 bins) and `brier` (`brier_score`).
+        The per-epoch `EvaluationCallback` turns them off.
 
     Returns:
       dict with `top1_error`, `top5_error`, `nll` (nats), `ece`, `aurc`,
-      `recall_at_1` (with features) and `num_examples`. With groups, also
+      `recall_at_1` (with features), the five above (with extra_calibration;
+      `brier` lies in [0, 2], the others in [0, 1]) and `num_examples`. With groups, also
       `hierarchical_accuracy` and, for each group `<g>` with test examples,
       `group_hierarchical_accuracy_<g>` (its row of `hierarchical_confusion`'s
       diagonal, the paper's Figure 4a/b) and `group_top1_error_<g>` (fine-label
@@ -64,6 +79,14 @@ def classification_metrics(
         "aurc": area_under_risk_coverage(probs, labels),
         "num_examples": int(len(labels)),
     }
+    if extra_calibration:
+        results.update(
+            ece_15=expected_calibration_error(probs, labels, num_bins=15),
+            adaptive_ece=adaptive_calibration_error(probs, labels, num_bins=15),
+            classwise_ece=classwise_calibration_error(probs, labels, num_bins=15),
+            mce=maximum_calibration_error(probs, labels, num_bins=20),
+            brier=brier_score(probs, labels),
+        )
     if features is not None:
         results["recall_at_1"] = recall_at_k(features, labels, k=1)
     if groups is not None and len(groups):
@@ -158,7 +181,10 @@ def expected_calibration_error(probs, labels, num_bins=20):
     """Expected calibration error over equal-width bins of the max-softmax confidence.
 
     `ECE = sum_m |B_m| / n * |acc(B_m) - conf(B_m)|`, where bin `m` holds the
-    examples whose confidence lies in `((m - 1) / M, m / M]` (Guo et al., 2017).
+    examples whose confidence lies in `((m - 1) / M, m / M]` (Guo et al., 2017):
+    `M` equal-width bins over (0, 1], each including its right edge; a
+    confidence of exactly 0 joins the first bin. `classification_metrics`
+    reports it with the paper's 20 bins (`ece`) and with 15 (`ece_15`).
 
     Args:
         probs: float array `[N, C]` of predicted probabilities.
@@ -168,17 +194,154 @@ def expected_calibration_error(probs, labels, num_bins=20):
     Returns:
         float in [0, 1] (a fraction, not percent).
     """
+    confidence, correct = _top_label(probs, labels)
+    gap = np.abs(_bin_sums(_equal_width_bins(confidence, num_bins), num_bins, correct, confidence))
+    return float(gap.sum() / max(len(confidence), 1))
+
+
+def _top_label(probs, labels):
+    """Max-softmax confidence `[N]` (float64) and whether the arg-max is the label `[N]`."""
+    probs = np.asarray(probs, np.float64)
+    return probs.max(axis=-1), probs.argmax(axis=-1) == np.asarray(labels)
+
+
+def _equal_width_bins(values, num_bins):
+    """0-based bin of each value in [0, 1]: bin m is `(m / M, (m + 1) / M]`, and 0 joins bin 0.
+
+    The index is `ceil(M * value) - 1` in floating point, so a value within rounding of an
+    inner edge (`0.15 * 20` is `3.0000000000000004`) may land in the bin above it.
+    """
+    return np.clip(np.ceil(values * num_bins).astype(np.int64) - 1, 0, num_bins - 1)
+
+
+def _bin_sums(bins, num_bins, hits, scores):
+    """Per bin, the number of hits minus the sum of the scores (`[M]`; 0 in empty bins)."""
+    return np.bincount(bins, weights=hits, minlength=num_bins) - np.bincount(
+        bins, weights=scores, minlength=num_bins
+    )
+
+
+def maximum_calibration_error(probs, labels, num_bins=20):
+    """Maximum calibration error: the largest gap of a non-empty confidence bin.
+
+    `MCE = max_m |acc(B_m) - conf(B_m)|` over the non-empty bins `B_m`, whatever
+    their size (Naeini et al., AAAI 2015; Guo et al., ICML 2017), with the bins
+    of `expected_calibration_error`: `M` equal-width bins of the max-softmax
+    confidence, bin `m` (1-based) holding `((m - 1) / M, m / M]`, a confidence of
+    exactly 0 in the first.
+
+    Args:
+        probs: float array `[N, C]` of predicted probabilities.
+        labels: int array `[N]`.
+        num_bins: int. `M`; `classification_metrics` uses 20, the paper's ECE bins.
+
+    Returns:
+        float in [0, 1]; 0 without examples.
+    """
+    confidence, correct = _top_label(probs, labels)
+    bins = _equal_width_bins(confidence, num_bins)
+    count = np.bincount(bins, minlength=num_bins)
+    gap = np.abs(_bin_sums(bins, num_bins, correct, confidence))
+    filled = count > 0
+    return float(np.max(gap[filled] / count[filled], initial=0.0))
+
+
+def adaptive_calibration_error(probs, labels, num_bins=15):
+    """ECE over equal-mass bins of the max-softmax confidence ("adaptive ECE").
+
+    The examples are sorted by increasing confidence (`np.argsort(kind="stable")`:
+    equal confidences keep their index order) and the sorted order is cut into
+    `M` consecutive bins of (nearly) equal counts by `np.array_split`: with
+    `N = q M + r`, the first `r` bins hold `q + 1` examples and the others `q`.
+    Ties are not kept together: equal confidences at a cut fall on both sides.
+    With fewer than `M` examples the last bins are empty and count for nothing.
+    Then, as for `expected_calibration_error`,
+    `sum_b |B_b| / n * |acc(B_b) - conf(B_b)|` (Nixon et al., "Measuring
+    calibration in deep learning", CVPR Workshops 2019, adaptive binning; top
+    label only, as in Mukhoti et al., NeurIPS 2020).
+
+    Args:
+        probs: float array `[N, C]` of predicted probabilities.
+        labels: int array `[N]`.
+        num_bins: int. `M`; `classification_metrics` uses 15.
+
+    Returns:
+        float in [0, 1] (a fraction, not percent); 0 without examples.
+    """
+    confidence, correct = _top_label(probs, labels)
+    order = np.argsort(confidence, kind="stable")
+    bins = np.empty(len(order), np.int64)
+    for b, members in enumerate(np.array_split(order, num_bins)):
+        bins[members] = b
+    gap = np.abs(_bin_sums(bins, num_bins, correct, confidence))
+    return float(gap.sum() / max(len(confidence), 1))
+
+
+def classwise_calibration_error(probs, labels, num_bins=15, max_chunk_entries=2**22):
+    """Class-wise ECE: every class's predicted probability against that class's frequency.
+
+    For each class `c`, the probability `p_c` of **every** example (not only of
+    the examples that predict `c`) goes into `M` equal-width bins, bin `m`
+    (1-based) holding `((m - 1) / M, m / M]` and a probability of exactly 0 the
+    first, as `expected_calibration_error`; in each bin the mean `p_c` is
+    compared with the fraction of examples labelled `c`:
+
+        classwise-ECE = 1/C sum_c sum_m |B_mc| / n * |freq_c(B_mc) - mean p_c(B_mc)|
+
+    (Kull et al., "Beyond temperature scaling", NeurIPS 2019, classwise-ECE; the
+    static calibration error of Nixon et al., CVPR Workshops 2019). The mean is
+    over all `C` columns of `probs`, classes absent from `labels` included.
+
+    Args:
+        probs: float array `[N, C]` of predicted probabilities.
+        labels: int array `[N]`.
+        num_bins: int. `M`; `classification_metrics` uses 15.
+        max_chunk_entries: int. Examples are binned a chunk at a time, about this
+            many probabilities per chunk, so memory stays bounded for large `N x C`.
+
+    Returns:
+        float in [0, 1]; 0 without examples.
+    """
     probs = np.asarray(probs, np.float64)
     labels = np.asarray(labels)
-    confidence = probs.max(axis=-1)
-    correct = probs.argmax(axis=-1) == labels
-    # Bin m (0-based) is (m / M, (m + 1) / M]; a confidence of exactly 0 joins bin 0.
-    bins = np.clip(np.ceil(confidence * num_bins).astype(np.int64) - 1, 0, num_bins - 1)
-    gap = np.abs(
-        np.bincount(bins, weights=correct, minlength=num_bins)
-        - np.bincount(bins, weights=confidence, minlength=num_bins)
-    )
-    return float(gap.sum() / max(len(labels), 1))
+    n, num_classes = probs.shape
+    # Per (class, bin): label-c count minus the sum of p_c, accumulated over chunks of examples.
+    sums = np.zeros(num_classes * num_bins)
+    offsets = np.arange(num_classes) * num_bins
+    chunk = max(1, max_chunk_entries // max(num_classes, 1))
+    for start in range(0, n, chunk):
+        part = probs[start : start + chunk]
+        index = (_equal_width_bins(part, num_bins) + offsets).ravel()
+        hits = np.zeros_like(part)
+        hits[np.arange(len(part)), labels[start : start + chunk]] = 1.0
+        sums += _bin_sums(index, num_classes * num_bins, hits.ravel(), part.ravel())
+    return float(np.abs(sums).sum() / max(n * num_classes, 1))
+
+
+def brier_score(probs, labels):
+    """Multi-class Brier score: squared error summed over classes, mean over examples.
+
+    `Brier = 1/n sum_i sum_c (p_ic - [y_i = c])^2` (Brier, 1950), in [0, 2]:
+    0 for confident right answers, 2 for confident wrong ones. (Some papers
+    divide by the number of classes, or score the top label only; this does
+    neither.)
+
+    Args:
+        probs: float array `[N, C]` of predicted probabilities.
+        labels: int array `[N]`.
+
+    Returns:
+        float in [0, 2]; 0 without examples.
+    """
+    probs = np.asarray(probs, np.float64)
+    labels = np.asarray(labels)
+    if not len(labels):
+        return 0.0
+    # sum_c (p_c - onehot_c)^2 = sum_c p_c^2 - 2 p_y + 1, without an [N, C] one-hot; rounding
+    # can take a perfect prediction's 0 a few ulps below.
+    true = probs[np.arange(len(labels)), labels]
+    per_example = np.einsum("ij,ij->i", probs, probs) - 2.0 * true + 1.0
+    return float(np.mean(np.maximum(per_example, 0.0)))
 
 
 def recall_at_k(features, labels, k=1, max_chunk_bytes=256 * 2**20):

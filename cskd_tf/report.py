@@ -12,12 +12,31 @@ import statistics
 from cskd_tf.errors import UserError
 from cskd_tf.paper import paper_numbers
 
-# Metric key in metrics.json -> (our column, the paper's column).
+# Metric key in metrics.json -> (our column, the paper's column). The table's default columns.
 METRICS = {
     "top1_error": ("Top-1 err. (%)", "Paper top-1"),
     "top5_error": ("Top-5 err. (%)", "Paper top-5"),
     "ece": ("ECE (%)", "Paper ECE"),
     "recall_at_1": ("R@1 (%)", "Paper R@1"),
+}
+# Other metrics of metrics.json that the table can show (`metrics=`; `--metrics` of
+# tools/report.py), which the paper does not report: key -> (column, factor from the stored
+# value to the shown one, upper bound of the stored value or None). Fractions are shown in
+# percent; the multi-class Brier score, in [0, 2], times 100; NLL in nats as stored.
+OTHER_METRICS = {
+    "nll": ("NLL (nats)", 1.0, None),
+    "aurc": ("AURC (%)", 100.0, 1.0),
+    "ece_15": ("ECE-15 (%)", 100.0, 1.0),
+    "adaptive_ece": ("Adaptive ECE (%)", 100.0, 1.0),
+    "classwise_ece": ("Class-wise ECE (%)", 100.0, 1.0),
+    "mce": ("MCE (%)", 100.0, 1.0),
+    "brier": ("Brier (×100)", 100.0, 2.0),
+    "hierarchical_accuracy": ("Hier. acc. (%)", 100.0, 1.0),
+}
+# Keys made of a prefix and a group name (the mixed set's `group_top1_error_bird`, ...).
+_GROUP_METRICS = {
+    "group_top1_error_": "Top-1 err. {} (%)",
+    "group_hierarchical_accuracy_": "Hier. acc. {} (%)",
 }
 # Display names, in table order; names not listed are shown as they are, after these.
 DATASET_NAMES = {
@@ -62,6 +81,59 @@ def dataset_name(dataset: str) -> str:
 def method_name(method: str) -> str:
     """Returns the display name of a method (the raw name if it has none)."""
     return METHOD_NAMES.get(method, method)
+
+
+def metric_column(metric: str) -> tuple[str, float, float | None]:
+    """How the table shows a metrics.json key.
+
+    Args:
+        metric: str. A key of metrics.json: one of `METRICS` or `OTHER_METRICS`, a
+            `group_top1_error_<group>` / `group_hierarchical_accuracy_<group>` key, any of these
+            with the `val_` prefix of the validation split's copy, or any other numeric key.
+
+    Returns:
+        tuple. The column title, the factor from the stored value to the shown one, and the
+        largest valid stored value (None: unchecked). A fraction is shown in percent; a key
+        this module does not know is shown as stored, under its own name.
+    """
+    if metric in METRICS:
+        return METRICS[metric][0], 100.0, 1.0
+    if metric in OTHER_METRICS:
+        return OTHER_METRICS[metric]
+    for prefix, title in _GROUP_METRICS.items():
+        if metric.startswith(prefix) and len(metric) > len(prefix):
+            return title.format(metric[len(prefix) :]), 100.0, 1.0
+    if metric.startswith("val_") and metric != "val_":
+        title, factor, bound = metric_column(metric[len("val_") :])
+        if (title, factor) != (metric[len("val_") :], 1.0):
+            return "Val. " + title, factor, bound
+    return metric, 1.0, None
+
+
+def _known(metric: str) -> bool:
+    return metric_column(metric)[:2] != (metric, 1.0)
+
+
+def _check_metrics(metrics) -> tuple[str, ...]:
+    """Validates a list of metric keys for `summarize` and `markdown_table`.
+
+    Args:
+        metrics: sequence of str. metrics.json keys, in column order.
+
+    Returns:
+        tuple[str, ...]. The keys.
+
+    Raises:
+        UserError: if the list is empty or names a key twice. (Whether a key `metric_column`
+            does not know is in the runs' metrics.json is checked by `summarize`.)
+    """
+    metrics = tuple(metrics)
+    if not metrics:
+        raise UserError("Name at least one metric.")
+    twice = sorted({m for m in metrics if metrics.count(m) > 1})
+    if twice:
+        raise UserError(f"The metric(s) {', '.join(twice)} are named twice.")
+    return metrics
 
 
 def _run_folders(path: pathlib.Path) -> list[pathlib.Path]:
@@ -138,11 +210,35 @@ def _sort_key(group: tuple) -> tuple:
     )
 
 
-def summarize(runs: list[dict]) -> list[dict]:
+def _check_values(runs: list[dict], metrics: tuple) -> None:
+    for metric in metrics:
+        if metric in METRICS:  # Checked by load_runs.
+            continue
+        _, _, bound = metric_column(metric)
+        reported = [run for run in runs if run.get(metric) is not None]
+        if not reported and not _known(metric):
+            raise UserError(
+                f"No run reports the metric {metric!r} (known metrics: "
+                f"{', '.join([*METRICS, *OTHER_METRICS])}, or any numeric key of metrics.json)."
+            )
+        for run in reported:
+            value = run[metric]
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or (bound is not None and not 0 <= value <= bound):
+                expected = "a number" if bound is None else f"a value in [0, {bound:g}]"
+                raise UserError(
+                    f"{pathlib.Path(run['workdir']) / 'metrics.json'}: {metric} is {value!r}, "
+                    f"expected {expected}."
+                )
+
+
+def summarize(runs: list[dict], metrics=tuple(METRICS)) -> list[dict]:
     """Groups runs by (dataset, backbone, method) and averages each metric over seeds.
 
     Args:
         runs: list[dict]. As `load_runs` returns them.
+        metrics: sequence of str. The metrics.json keys to average (see `metric_column`), in
+            column order; the paper's four by default.
 
     Returns:
         list[dict]. One row per group, sorted by data set (in `DATASET_NAMES` order), backbone,
@@ -150,11 +246,16 @@ def summarize(runs: list[dict]) -> list[dict]:
         (sorted list), `workdirs` (list of str, in seed order), `metrics` (metric -> `(mean,
         std)` in percent, std the sample standard deviation (ddof=1), None with one seed; None
         where no run reports the metric), `counts` (metric -> number of runs that report it)
-        and `paper` (the paper's `{metric: (mean, std)}`, or None).
+        and `paper` (the paper's `{metric: (mean, std)}`, or None). "In percent" holds for
+        fractions; other metrics are scaled as `metric_column` says.
 
     Raises:
-        UserError: if two runs share dataset, backbone, method and seed.
+        UserError: if two runs share dataset, backbone, method and seed; if `metrics` is empty
+            or names a key twice; if no run reports a key that `metric_column` does not know;
+            or if a run's value of a requested metric is not a number in its range.
     """
+    metrics = _check_metrics(metrics)
+    _check_values(runs, metrics)
     groups = {}
     for run in runs:
         group = groups.setdefault((run["dataset"], run["backbone"], run["method"]), {})
@@ -180,8 +281,9 @@ def summarize(runs: list[dict]) -> list[dict]:
             "counts": {},
             "paper": paper_numbers(dataset, backbone, method),
         }
-        for metric in METRICS:
-            values = [100 * run[metric] for run in members if run.get(metric) is not None]
+        for metric in metrics:
+            factor = metric_column(metric)[1]
+            values = [factor * run[metric] for run in members if run.get(metric) is not None]
             row["counts"][metric] = len(values)
             if not values:
                 row["metrics"][metric] = None
@@ -199,21 +301,28 @@ def _cell(value) -> str:
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """Formats `summarize` rows as a Markdown table, each metric beside the paper's.
+def markdown_table(rows: list[dict], metrics=None) -> str:
+    """Formats `summarize` rows as a Markdown table, each metric of the paper beside the paper's.
 
     Args:
         rows: list[dict]. As `summarize` returns them.
+        metrics: sequence of str or None. The metric columns, in order, among those the rows
+            hold. None: the rows' own (the paper's four when there are no rows).
 
     Returns:
         str. The table, a blank line and one line saying what the numbers are and which runs
-        went in. Values in percent with two decimals, "mean ± std" ("mean" alone with one seed);
-        "—" where a value is missing. A mean over fewer runs than the row's seeds (some runs
-        lack the metric) is followed by "(n=COUNT)".
+        went in. Values in percent (or in the unit the column's title names) with two
+        decimals, "mean ± std" ("mean" alone with one seed); "—" where a value is missing. A
+        mean over fewer runs than the row's seeds (some runs lack the metric) is followed by
+        "(n=COUNT)". A metric of `METRICS` is followed by the paper's column; the others,
+        which the paper does not report, are not.
     """
+    if metrics is None:
+        metrics = tuple(rows[0]["metrics"]) if rows else tuple(METRICS)
+    metrics = _check_metrics(metrics)
     header = ["Data set", "Backbone", "Method", "Seeds"]
-    for ours, paper in METRICS.values():
-        header += [ours, paper]
+    for metric in metrics:
+        header += list(METRICS[metric]) if metric in METRICS else [metric_column(metric)[0]]
     lines = []
     for row in rows:
         cells = [
@@ -222,11 +331,13 @@ def markdown_table(rows: list[dict]) -> str:
             method_name(row["method"]),
             str(len(row["seeds"])),
         ]
-        for metric in METRICS:
+        for metric in metrics:
             cell = _cell(row["metrics"][metric])
             if row["metrics"][metric] is not None and row["counts"][metric] < len(row["seeds"]):
                 cell += f" (n={row['counts'][metric]})"
-            cells += [cell, _cell((row["paper"] or {}).get(metric))]
+            cells.append(cell)
+            if metric in METRICS:
+                cells.append(_cell((row["paper"] or {}).get(metric)))
         lines.append([cell.replace("|", "\\|") for cell in cells])
     widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
     right = [i >= 3 for i in range(len(header))]  # Numbers are right-aligned.
@@ -237,8 +348,10 @@ def markdown_table(rows: list[dict]) -> str:
 
     rule = ["-" * (w - 1) + ":" if r else "-" * w for w, r in zip(widths, right)]
     workdirs = [workdir for row in rows for workdir in row["workdirs"]]
+    percent = all(metric_column(metric)[0].endswith("(%)") for metric in metrics)
+    unit = "in percent" if percent else "in percent or the unit each column's title names"
     footer = (
-        "Mean ± sample standard deviation (ddof=1) over seeds, in percent; no ± with one seed. "
+        f"Mean ± sample standard deviation (ddof=1) over seeds, {unit}; no ± with one seed. "
         f"Paper: Yun et al., CVPR 2020, Tables 1 to 6; {MISSING}: not reported. "
         f"{len(workdirs)} run{'s' if len(workdirs) != 1 else ''}: {', '.join(workdirs)}."
     )
@@ -289,13 +402,16 @@ def update_readme(readme_path, table: str) -> bool:
     return True
 
 
-def write_report(paths: list, output=None, readme=None) -> tuple[str, bool | None]:
+def write_report(
+    paths: list, output=None, readme=None, metrics=tuple(METRICS)
+) -> tuple[str, bool | None]:
     """Builds the table from run folders, and writes it where asked.
 
     Args:
         paths: list. Run folders or their parents, as for `load_runs`.
         output: str | os.PathLike | None. File to write the table to.
         readme: str | os.PathLike | None. File whose results section `update_readme` replaces.
+        metrics: sequence of str. The metric columns, in order, as for `summarize`.
 
     Returns:
         tuple[str, bool | None]. The table, and whether the README changed (None without one).
@@ -304,7 +420,7 @@ def write_report(paths: list, output=None, readme=None) -> tuple[str, bool | Non
         UserError: as `load_runs`, `summarize` and `update_readme`, or if `output` cannot be
             written.
     """
-    table = markdown_table(summarize(load_runs(paths)))
+    table = markdown_table(summarize(load_runs(paths), metrics), metrics)
     if output:
         try:
             pathlib.Path(output).write_text(table, encoding="utf-8")

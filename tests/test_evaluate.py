@@ -1,3 +1,5 @@
+import csv
+import dataclasses
 import json
 import os
 import pathlib
@@ -6,7 +8,9 @@ import sys
 
 import pytest
 
+from cskd_tf import data
 from cskd_tf import evaluate
+from cskd_tf import figures
 from cskd_tf import train
 from cskd_tf.errors import UserError
 
@@ -133,3 +137,67 @@ def test_cli_prints_a_table_and_errors_exit_2(runs, tmp_path):
     assert bad.stderr.strip().splitlines()[-1] == (
         "error: Name an output folder with --out when comparing runs."
     )
+
+
+CALIBRATION = ("ece_15", "adaptive_ece", "classwise_ece", "mce", "brier")
+
+
+@pytest.mark.slow  # One evaluation pass with all the figures: about 20 s on two busy cores.
+def test_a_grouped_data_set_gets_figure_4_and_a_run_its_learning_curves(
+    runs, tmp_path, monkeypatch
+):
+    # The mixed set needs CUB, Dogs and MIT67; digits with its ten classes put in three groups
+    # takes the same path through evaluate (the groups come from the data source).
+    load = data.load
+    names = ("low", "mid", "high")
+
+    def grouped(name, data_dir=None):
+        source = load(name, data_dir)
+        assert source.num_classes == 10
+        return dataclasses.replace(source, groups=(0,) * 3 + (1,) * 4 + (2,) * 3, group_names=names)
+
+    monkeypatch.setattr(data, "load", grouped)
+    plotted = {}
+    for name in ("plot_hierarchical_confusion", "plot_learning_curves"):
+
+        def keep(*args, _name=name, _plot=getattr(figures, name), **kwargs):
+            plotted[_name] = _plot(*args, **kwargs)
+            return plotted[_name]
+
+        monkeypatch.setattr(figures, name, keep)
+    out = tmp_path / "grouped"
+    result = evaluate.run([runs["cskd"]], out=str(out))
+    assert list(result["figures"]) == [*evaluate.FIGURES, *evaluate.OPTIONAL_FIGURES]
+    for name, path in result["figures"].items():
+        assert path == str(out / f"{name}.png") and (out / f"{name}.png").read_bytes()[:8] == PNG
+    scores = read_json(out / "metrics.json")["CS-KD"]
+    # Figure 4 draws the numbers metrics.json reports.
+    figure_4 = plotted["plot_hierarchical_confusion"]["CS-KD"]
+    assert figure_4["hierarchical_accuracy"] == scores["hierarchical_accuracy"]
+    for g, name in enumerate(names):
+        assert figure_4["confusion"][g, g] == scores[f"group_hierarchical_accuracy_{name}"]
+        assert figure_4["top1_error"][g] == scores[f"group_top1_error_{name}"]
+    assert figure_4["count"].sum() == scores["num_examples"] == 359
+    # The learning curves draw the run's history.csv, read here with the csv module.
+    with open(os.path.join(runs["cskd"], "history.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    curves = plotted["plot_learning_curves"]["CS-KD"]
+    for series, column, scale in (
+        ("loss", "loss", 1.0),
+        ("cls_loss", "cls_loss", 1.0),
+        ("val_top1_error", "val_top1_error", 100.0),
+        ("val_ece", "val_ece", 100.0),
+    ):
+        assert curves[series]["value"].tolist() == pytest.approx(
+            [scale * float(row[column]) for row in rows]
+        )
+        assert curves[series]["epoch"].tolist() == [int(row["epoch"]) + 1 for row in rows]
+    assert curves["train_top1_error"]["value"].tolist() == pytest.approx(
+        [100 * (1 - float(row["accuracy"])) for row in rows]
+    )
+    # The calibration metrics other papers compare: in evaluate's metrics.json as in the run's.
+    own = read_json(os.path.join(runs["cskd"], "metrics.json"))
+    for key in CALIBRATION:
+        assert scores[key] == pytest.approx(own[key], abs=1e-6), key
+        assert 0 <= scores[key] <= (2 if key == "brier" else 1)
+        assert f"val_{key}" not in rows[0]  # Not in the per-epoch logs.

@@ -6,6 +6,7 @@ import pytest
 from matplotlib import image
 from scipy import special
 from sklearn import manifold
+from sklearn import metrics as sk_metrics
 from threadpoolctl import threadpool_limits
 
 from cskd_tf import figures, metrics
@@ -243,6 +244,190 @@ def test_predictive_distributions_with_few_classes_and_few_errors(tmp_path):
     assert_png(tmp_path / "p.png")
 
 
+# Figure 4: hierarchical confusion.
+
+GROUPS = np.array([0, 0, 1, 1, 1, 2])  # Six fine labels in three groups.
+
+
+@pytest.fixture(name="drawn")
+def _drawn(monkeypatch):
+    """The matplotlib figures that `figures` saves, in order (the PNGs hold only pixels)."""
+    saved = []
+    save = figures._save
+
+    def keep(fig, path):
+        saved.append(fig)
+        return save(fig, path)
+
+    monkeypatch.setattr(figures, "_save", keep)
+    return saved
+
+
+def test_hierarchical_confusion_by_hand(tmp_path, drawn):
+    # Labels 0, 1 (group 0), 2, 3, 4 (group 1), and none of group 2. Predictions: right, wrong
+    # inside group 0, right, wrong into group 0, wrong inside group 1.
+    run = one_hot_run("CE", [0, 0, 2, 1, 3], [0, 1, 2, 3, 4], 6)
+    got = figures.plot_hierarchical_confusion([run], tmp_path / "h.png", GROUPS, ("a", "b", "c"))
+    np.testing.assert_allclose(
+        got["CE"]["confusion"], [[1.0, 0.0, 0.0], [1 / 3, 2 / 3, 0.0], [0.0, 0.0, 0.0]]
+    )
+    np.testing.assert_array_equal(got["CE"]["count"], [2, 3, 0])
+    np.testing.assert_allclose(got["CE"]["top1_error"][:2], [0.5, 2 / 3])
+    assert np.isnan(got["CE"]["top1_error"][2])  # No examples of group c: no bar.
+    assert got["CE"]["hierarchical_accuracy"] == pytest.approx(0.8)
+    matrix_ax, bars_ax = drawn[-1].axes
+    cells = [t.get_text() for t in matrix_ax.texts]
+    assert cells == ["100.0", "0.0", "0.0", "33.3", "66.7", "0.0", "—", "—", "—"]
+    assert [p.get_height() for p in bars_ax.patches] == pytest.approx([50.0, 200 / 3, 0.0])
+    assert [t.get_text() for t in bars_ax.texts] == ["50.0", "66.7", "n/a"]
+    assert_png(tmp_path / "h.png")
+
+
+def test_hierarchical_confusion_draws_the_metrics_matrices(tmp_path, drawn):
+    runs = make_runs(n=300, c=6, seed=4)
+    got = figures.plot_hierarchical_confusion(runs, tmp_path / "h.png", GROUPS, ("x", "y", "z"))
+    y = runs[0]["labels"]
+    matrix_axes, bars_ax = drawn[-1].axes[:2], drawn[-1].axes[2]
+    for r, (run, ax) in enumerate(zip(runs, matrix_axes)):
+        result = got[run["label"]]
+        # The matrix is metrics.hierarchical_confusion's, which equals scikit-learn's.
+        predicted = run["logits"].argmax(1)
+        expected = sk_metrics.confusion_matrix(
+            GROUPS[y], GROUPS[predicted], labels=[0, 1, 2], normalize="true"
+        )
+        np.testing.assert_allclose(result["confusion"], expected, atol=1e-12)
+        np.testing.assert_array_equal(
+            result["confusion"], metrics.hierarchical_confusion(run["logits"], y, GROUPS)
+        )
+        # What is drawn: the image holds the matrix, the cells its percentages.
+        np.testing.assert_array_equal(ax.images[0].get_array(), result["confusion"])
+        assert [t.get_text() for t in ax.texts] == [
+            f"{100 * v:.1f}" for v in result["confusion"].ravel()
+        ]
+        assert f"{100 * np.mean(GROUPS[y] == GROUPS[predicted]):.2f}%" in ax.get_title()
+        # Fine-label error per true group: a loop over the group's examples.
+        for g in range(3):
+            members = [i for i in range(len(y)) if GROUPS[y[i]] == g]
+            wrong = sum(predicted[i] != y[i] for i in members) / len(members)
+            assert result["top1_error"][g] == pytest.approx(wrong)
+        heights = [p.get_height() for p in bars_ax.containers[r]]
+        assert heights == pytest.approx(100 * result["top1_error"])
+    scores = metrics.classification_metrics(
+        runs[1]["logits"], y, groups=GROUPS, group_names=("x", "y", "z")
+    )
+    for g, name in enumerate("xyz"):  # The numbers metrics.json holds for a mixed run.
+        assert got["CS-KD"]["top1_error"][g] == scores[f"group_top1_error_{name}"]
+        assert got["CS-KD"]["confusion"][g, g] == scores[f"group_hierarchical_accuracy_{name}"]
+    assert_png(tmp_path / "h.png")
+
+
+def test_hierarchical_confusion_rejects_bad_groups(tmp_path):
+    runs = make_runs(n=30, c=6)
+    with pytest.raises(ValueError, match="one group per class"):
+        figures.plot_hierarchical_confusion(runs, tmp_path / "h.png", [0, 1, 1])
+    with pytest.raises(ValueError, match="group_names has 2 entries for 3 groups"):
+        figures.plot_hierarchical_confusion(runs, tmp_path / "h.png", GROUPS, ("a", "b"))
+    assert not (tmp_path / "h.png").exists()
+
+
+# Learning curves.
+
+HISTORY_CSV = """epoch,accuracy,ce_loss,cls_loss,loss,val_ece,val_top1_error
+0,0.5,1.5,0.25,1.75,0.2,0.4
+1,0.75,0.75,0.5,1.25,NA,NA
+2,0.875,0.5,0.375,0.875,0.125,0.25
+"""
+
+
+def test_read_history_by_hand(tmp_path):
+    path = tmp_path / "history.csv"
+    path.write_text(HISTORY_CSV)
+    got = figures.read_history(path)
+    assert list(got) == HISTORY_CSV.splitlines()[0].split(",")
+    np.testing.assert_array_equal(got["epoch"], [0, 1, 2])
+    np.testing.assert_array_equal(got["cls_loss"], [0.25, 0.5, 0.375])
+    np.testing.assert_array_equal(got["val_ece"], [0.2, np.nan, 0.125])  # NA: not evaluated.
+    (tmp_path / "empty.csv").write_text("")
+    assert figures.read_history(tmp_path / "empty.csv") == {}
+    (tmp_path / "bad.csv").write_text("epoch,loss\n0,1.0,2.0\n")
+    with pytest.raises(ValueError, match="row 2 has 3 cells for 2 columns"):
+        figures.read_history(tmp_path / "bad.csv")
+
+
+def test_learning_curves_plot_the_history_columns(tmp_path, drawn):
+    path = tmp_path / "history.csv"
+    path.write_text(HISTORY_CSV)
+    cskd = figures.read_history(path)
+    # A CE run that logged the test split, as a Keras History (no epoch column).
+    ce = {"loss": [1.0, 0.5, 0.25, 0.125], "accuracy": [0.5, 0.625, 0.75, 1.0]}
+    ce.update(test_top1_error=[0.5, 0.375, 0.25, 0.125], test_ece=[0.0625, 0.125, 0.1875, 0.25])
+    got = figures.plot_learning_curves(
+        [{"label": "CS-KD", "history": cskd}, {"label": "CE", "history": ce}], tmp_path / "lc.png"
+    )
+    # Hand-computed from the columns: epochs from 1, errors and ECE in percent.
+    expected = {
+        "CS-KD": {
+            "loss": ([1, 2, 3], [1.75, 1.25, 0.875]),
+            "ce_loss": ([1, 2, 3], [1.5, 0.75, 0.5]),
+            "cls_loss": ([1, 2, 3], [0.25, 0.5, 0.375]),
+            "train_top1_error": ([1, 2, 3], [50.0, 25.0, 12.5]),
+            "val_top1_error": ([1, 3], [40.0, 25.0]),  # Epoch 2 was not evaluated.
+            "val_ece": ([1, 3], [20.0, 12.5]),
+        },
+        "CE": {
+            "loss": ([1, 2, 3, 4], [1.0, 0.5, 0.25, 0.125]),
+            "train_top1_error": ([1, 2, 3, 4], [50.0, 37.5, 25.0, 0.0]),
+            "test_top1_error": ([1, 2, 3, 4], [50.0, 37.5, 25.0, 12.5]),
+            "test_ece": ([1, 2, 3, 4], [6.25, 12.5, 18.75, 25.0]),
+        },
+    }
+    assert {label: set(series) for label, series in got.items()} == {
+        label: set(series) for label, series in expected.items()
+    }
+    for label, series in expected.items():
+        for name, (epochs, values) in series.items():
+            np.testing.assert_allclose(got[label][name]["epoch"], epochs, err_msg=name)
+            np.testing.assert_allclose(got[label][name]["value"], values, err_msg=name)
+    # What is drawn: one panel per loss column, then top-1 error and ECE; each line's data.
+    axes = [ax for ax in drawn[-1].axes if ax.axison]
+    titles = [ax.get_title() for ax in axes]
+    assert titles == ["loss (total)", "ce_loss", "cls_loss", "Top-1 error", "ECE"]
+    lines = {line.get_gid(): line for ax in axes for line in ax.get_lines()}
+    assert set(lines) == {f"{label}|{name}" for label in expected for name in expected[label]}
+    for label, series in expected.items():
+        for name, (epochs, values) in series.items():
+            line = lines[f"{label}|{name}"]
+            np.testing.assert_allclose(line.get_xdata(), epochs)
+            np.testing.assert_allclose(line.get_ydata(), values)
+    panel = dict(zip(titles, axes))
+    assert {line.get_gid() for line in panel["ECE"].get_lines()} == {"CS-KD|val_ece", "CE|test_ece"}
+    assert {line.get_gid() for line in panel["loss (total)"].get_lines()} == {
+        "CS-KD|loss",
+        "CE|loss",
+    }
+    legend = [t.get_text() for t in drawn[-1].legends[0].get_texts()]
+    assert legend == ["CS-KD", "CE", "train", "validation", "test"]
+    assert_png(tmp_path / "lc.png")
+
+
+def test_learning_curves_reject_bad_histories(tmp_path):
+    with pytest.raises(ValueError, match="non-empty list"):
+        figures.plot_learning_curves([], tmp_path / "lc.png")
+    history = {"loss": [1.0, 0.5]}
+    with pytest.raises(ValueError, match="unique"):
+        figures.plot_learning_curves(
+            [{"label": "A", "history": history}] * 2, tmp_path / "lc.png"
+        )
+    with pytest.raises(ValueError, match="one, non-zero length"):
+        figures.plot_learning_curves(
+            [{"label": "A", "history": {"loss": [1.0], "accuracy": [0.5, 0.6]}}],
+            tmp_path / "lc.png",
+        )
+    with pytest.raises(ValueError, match="No history holds"):
+        figures.plot_learning_curves([{"label": "A", "history": {"lr": [0.1]}}], tmp_path / "x.png")
+    assert not list(tmp_path.iterdir())
+
+
 # All figures, and bad input.
 
 
@@ -255,6 +440,29 @@ def test_write_all_writes_four_pngs(tmp_path, num_runs):
     for name, path in paths.items():
         assert str(path).endswith(f"{name}.png")
         assert_png(path)
+
+
+def test_write_all_adds_figure_4_with_groups_and_learning_curves_with_histories(tmp_path):
+    runs = make_runs(n=24)
+    histories = [{"label": run["label"], "history": {"loss": [1.0, 0.5]}} for run in runs]
+    paths = figures.write_all(
+        runs, tmp_path / "f", groups=GROUPS, group_names=("a", "b", "c"), histories=histories
+    )
+    assert list(paths) == [
+        "reliability",
+        "log_prob_histograms",
+        "tsne",
+        "predictive_distributions",
+        "hierarchical_confusion",
+        "learning_curves",
+    ]
+    for name, path in paths.items():
+        assert str(path).endswith(f"{name}.png")
+        assert_png(path)
+    # Bad groups fail before any file is written.
+    with pytest.raises(ValueError, match="one group per class"):
+        figures.write_all(runs, tmp_path / "g", groups=[0, 1])
+    assert not (tmp_path / "g").exists()
 
 
 @pytest.mark.parametrize(

@@ -260,6 +260,105 @@ def test_tool_folder_without_metrics_exits_2_with_one_line(tmp_path):
     assert str(tmp_path / "empty") in lines[0]
 
 
+# --- Other metrics than the paper's four (issue 14) -------------------------------------------
+
+# Two seeds of one method with the calibration metrics and a group key; one older run without.
+CALIBRATION_RUNS = {
+    "s0": dict(seed=0, ece=0.10, ece_15=0.04, brier=0.30, nll=0.5, group_top1_error_bird=0.2),
+    "s1": dict(seed=1, ece=0.20, ece_15=0.06, brier=0.50, nll=0.7, group_top1_error_bird=0.4),
+    "s2": dict(seed=2, ece=0.30),  # Written before ece_15, brier, ... existed.
+}
+OTHER = ["ece", "ece_15", "adaptive_ece", "brier", "nll", "group_top1_error_bird"]
+
+
+def _write_calibration_runs(root):
+    for name, values in CALIBRATION_RUNS.items():
+        _write_run(root / name, dataset="cub", backbone="resnet18", method="cskd", **values)
+    return root
+
+
+def test_table_of_other_metrics_by_hand(tmp_path):
+    runs = report.load_runs([_write_calibration_runs(tmp_path)])
+    rows = report.summarize(runs, OTHER)
+    table = report.markdown_table(rows)  # The rows' own metrics, in the order asked.
+    assert table == report.markdown_table(rows, OTHER)
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    assert header == [
+        "Data set", "Backbone", "Method", "Seeds",
+        "ECE (%)", "Paper ECE",  # A metric of the paper keeps the paper's column ...
+        "ECE-15 (%)", "Adaptive ECE (%)", "Brier (×100)", "NLL (nats)",  # ... no other does.
+        "Top-1 err. bird (%)",
+    ]  # fmt: skip
+    row = _cells(table)["CUB-200-2011", "CS-KD"]
+    assert row["Seeds"] == "3"
+    assert row["ECE (%)"] == "20.00 ± 10.00"  # 10, 20, 30.
+    mean, std = paper.paper_numbers("cub", "resnet18", "cskd")["ece"]
+    assert row["Paper ECE"] == f"{mean:.2f} ± {std:.2f}"
+    # 4 and 6 %, two of three runs: mean 5, std sqrt(2) = 1.41.
+    assert row["ECE-15 (%)"] == "5.00 ± 1.41 (n=2)"
+    assert row["Adaptive ECE (%)"] == "—"  # Known to the table, reported by no run.
+    assert row["Brier (×100)"] == "40.00 ± 14.14 (n=2)"  # 30 and 50: std 20 / sqrt(2).
+    assert row["NLL (nats)"] == "0.60 ± 0.14 (n=2)"  # As stored, not in percent.
+    assert row["Top-1 err. bird (%)"] == "30.00 ± 14.14 (n=2)"
+    footer = table.rstrip("\n").splitlines()[-1]
+    assert "over seeds, in percent or the unit each column's title names;" in footer
+    # Only (%) columns: the default wording.
+    only_percent = report.markdown_table(report.summarize(runs, ["ece_15", "val_ece"]))
+    assert "over seeds, in percent; no ± with one seed." in only_percent
+    assert "Val. ECE (%)" in only_percent.splitlines()[0]
+
+
+def test_default_metrics_are_the_papers_four(runs_dir):
+    runs = report.load_runs([runs_dir])
+    default = report.markdown_table(report.summarize(runs))
+    assert default == report.markdown_table(report.summarize(runs, list(report.METRICS)))
+    assert default == report.markdown_table(report.summarize(runs), list(report.METRICS))
+    assert list(report.summarize(runs)[0]["metrics"]) == list(report.METRICS)
+
+
+def test_bad_metric_lists_are_user_errors(tmp_path):
+    runs = report.load_runs([_write_calibration_runs(tmp_path / "runs")])
+    with pytest.raises(UserError, match="No run reports the metric 'ece15' \\(known metrics: "):
+        report.summarize(runs, ["top1_error", "ece15"])
+    with pytest.raises(UserError, match="Name at least one metric"):
+        report.summarize(runs, [])
+    with pytest.raises(UserError, match="ece_15 are named twice"):
+        report.summarize(runs, ["ece_15", "ece", "ece_15"])
+    # Any other numeric key that runs report is shown as stored, under its own name.
+    row = _cells(report.markdown_table(report.summarize(runs, ["seed"])))["CUB-200-2011", "CS-KD"]
+    assert row["seed"] == "1.00 ± 1.00"
+    # Values out of their range: a Brier score lies in [0, 2], a fraction in [0, 1].
+    _write_run(tmp_path / "bad" / "a", dataset="cub", backbone="r", method="ce", seed=0, brier=2.5)
+    _write_run(tmp_path / "bad" / "b", dataset="cub", backbone="r", method="ce", seed=1, mce=12.0)
+    _write_run(tmp_path / "bad" / "c", dataset="cub", backbone="r", method="ce", seed=2, nll="x")
+    bad = report.load_runs([tmp_path / "bad"])  # Not checked until asked for.
+    for metric, message in (
+        ("brier", "brier is 2.5, expected a value in \\[0, 2\\]"),
+        ("mce", "mce is 12.0, expected a value in \\[0, 1\\]"),
+        ("nll", "nll is 'x', expected a number"),
+    ):
+        with pytest.raises(UserError, match=message):
+            report.summarize(bad, [metric])
+    assert report.summarize(bad, ["top1_error"])[0]["metrics"]["top1_error"] is None
+
+
+def test_tool_metrics_flag(runs_dir, tmp_path):
+    _write_calibration_runs(runs_dir / "cub")
+    result = _tool(runs_dir / "cub", "--metrics=ece,ece_15,brier")
+    assert result.returncode == 0, result.stderr
+    rows = report.summarize(report.load_runs([runs_dir / "cub"]), ["ece", "ece_15", "brier"])
+    assert result.stdout == report.markdown_table(rows)
+    # Naming the default columns changes nothing.
+    default = _tool(runs_dir, "--metrics=top1_error,top5_error,ece,recall_at_1")
+    assert default.returncode == 0, default.stderr
+    assert default.stdout == _tool(runs_dir).stdout
+    bad = _tool(runs_dir, "--metrics=top1_error,nope")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.splitlines() == [
+        bad.stderr.splitlines()[0]
+    ] and bad.stderr.startswith("error: No run reports the metric 'nope'")
+
+
 def test_tool_flag_error_exits_2():
     result = _tool("--no_such_flag=1", "runs")
     assert result.returncode == 2
