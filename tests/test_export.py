@@ -15,6 +15,7 @@ from cskd_tf import data
 from cskd_tf import evaluate
 from cskd_tf import export
 from cskd_tf import train
+from cskd_tf.data import augment
 from cskd_tf.data import sources
 from cskd_tf.errors import UserError
 
@@ -111,7 +112,11 @@ def test_export_folder_holds_a_keras_file_and_its_description(run):
     assert info["input"]["shape"] == [8, 8, 1]
     assert info["temperature"] == 1.0 and info["calibration"] is None
     assert info["run_metrics"] == read_json(os.path.join(run["workdir"], "metrics.json"))
-    assert set(info["signatures"]) == {"serving_default", "serve_bytes", "features"}
+    assert set(info["signatures"]) == {"serving_default", "serve_bytes", "features", "serve_pixels"}
+    assert info["serve_pixels"] == dict(
+        shape=[8, 8, 1], dtype="float32", values="raw pixels in 0..255", resize=None
+    )
+    assert info["converted"] == {} and info["version"] is None
     reloaded = keras.models.load_model(os.path.join(run["plain"], export.KERAS_FILE))
     images = sources.load_digits().test.values[:16]
     normalised = tf.stack([data.Augmenter("digits").eval(i) for i in images])
@@ -172,6 +177,89 @@ def test_wrong_input_gives_one_clear_message(run, images, message):
     assert message in str(err.value)
 
 
+def test_serve_pixels_is_serving_default_at_the_networks_size(run):
+    # Digits have no resize: serve_pixels (the converters' signature) serves the same numbers,
+    # the fitted temperature included, plus the features.
+    loaded = tf.saved_model.load(run["calibrated"])
+    pixels = tf.constant(sources.load_digits().test.values.astype(np.float32))
+    default = loaded.signatures["serving_default"](images=pixels)
+    served = loaded.signatures["serve_pixels"](images=pixels)
+    for key in ("probabilities", "logits"):
+        np.testing.assert_allclose(served[key].numpy(), default[key].numpy(), atol=1e-5)
+    features = loaded.signatures["features"](images=pixels)["features"]
+    np.testing.assert_allclose(served["features"].numpy(), features.numpy(), atol=1e-5)
+    layer = keras.layers.TFSMLayer(run["calibrated"], call_endpoint="serve_pixels")
+    np.testing.assert_allclose(
+        layer(pixels)["probabilities"].numpy(), default["probabilities"].numpy(), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "shape", [[2, 9, 9, 1], [2, 8, 8, 3], [2, 8, 8]]  # Wrong size, wrong channels, no channels.
+)
+def test_serve_pixels_wrong_shape_gives_one_clear_message(run, shape):
+    # Without the check, global pooling would take any size and the normalisation would
+    # broadcast a wrong channel count: numbers, but wrong ones.
+    loaded = tf.saved_model.load(run["plain"])
+    with pytest.raises(tf.errors.InvalidArgumentError) as err:
+        loaded.signatures["serve_pixels"](images=tf.zeros(shape))
+    assert "serve_pixels takes float32 images [batch, 8, 8, 1] of raw pixels in 0..255" in str(
+        err.value
+    )
+
+
+def info_of(preset):
+    """The `export_info.json` entries `resize_and_crop` reads, for a preset's export."""
+    pixels = export._pixels_info(data.PRESETS[preset])  # pylint: disable=protected-access
+    return {"serve_pixels": pixels}
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(480, 640), (640, 480), (300, 257), (1000, 333), (40, 48), (224, 224), (256, 256), (1, 7)],
+)
+def test_resize_and_crop_is_the_eval_pipelines_resize_and_crop_in_numpy(shape):
+    # Shrinking (antialiased), enlarging (plain bilinear) and a resize by 1, against the
+    # TensorFlow code that serving_default runs.
+    image = np.random.default_rng(0).integers(0, 256, size=(*shape, 3), dtype=np.uint8)
+    got = export.resize_and_crop(image, info_of("imagenet"))
+    assert got.shape == (224, 224, 3) and got.dtype == np.float32
+    mean, std = np.array(augment.IMAGENET_MEAN), np.array(augment.IMAGENET_STD)
+    expected = data.Augmenter("imagenet").eval(image).numpy()
+    # 2e-4 after normalisation: 0.01 of a level of 0..255, float32 rounding of the positions.
+    np.testing.assert_allclose((got / 255 - mean) / std, expected, atol=2e-4)
+
+
+def test_resize_and_crop_known_answers():
+    info = info_of("imagenet")
+    # Shorter side 256 already: only the centre crop.
+    image = np.arange(256 * 300 * 3, dtype=np.float32).reshape(256, 300, 3) % 251
+    np.testing.assert_array_equal(export.resize_and_crop(image, info), image[16:240, 38:262])
+    # A constant image stays constant (the weights of every output pixel sum to 1).
+    np.testing.assert_allclose(export.resize_and_crop(np.full((480, 640, 1), 7.0), info), 7.0)
+    # Halving: each output pixel of a 512-pixel side averages a 4-pixel triangle window.
+    weights = export._resize_weights(512, 256)  # pylint: disable=protected-access
+    np.testing.assert_allclose(weights[10, 19:23], [1 / 8, 3 / 8, 3 / 8, 1 / 8])
+    assert weights[10].sum() == pytest.approx(1.0) and np.count_nonzero(weights[10]) == 4
+    # Digits: no resize, the image itself.
+    image = np.arange(64, dtype=np.uint8).reshape(8, 8, 1)
+    np.testing.assert_array_equal(export.resize_and_crop(image, info_of("digits")), image)
+
+
+def test_a_missing_converter_is_one_sentence_before_anything_is_written(
+    run, tmp_path, monkeypatch
+):
+    find_spec = export.importlib.util.find_spec
+    monkeypatch.setattr(
+        export.importlib.util,
+        "find_spec",
+        lambda name: None if name == "tf2onnx" else find_spec(name),
+    )
+    with pytest.raises(UserError, match=r"--format=onnx needs tf2onnx, which is not installed"):
+        export.export(run["workdir"], str(tmp_path / "x"), formats="tflite,onnx")
+    assert os.listdir(tmp_path) == []
+
+
 def test_evaluate_scores_an_export_as_its_run(run, tmp_path):
     result = evaluate.run([run["plain"]], out=str(tmp_path / "e"))
     scores = next(iter(result["metrics"].values()))
@@ -187,6 +275,9 @@ def test_evaluate_scores_an_export_as_its_run(run, tmp_path):
         (dict(export_dir="{plain}"), "already exists and is not empty"),
         (dict(checkpoint="best", workdir="{nobest}"), "best.keras needs a run with --val_split"),
         (dict(calibrate=True, workdir="{nobest}"), "--calibrate fits the temperature"),
+        (dict(formats="tflite,pb"), "--format takes tflite, onnx or both"),
+        (dict(version=-1), "--version must be a whole number"),
+        (dict(export_dir="{plain}", version=1), "is a SavedModel itself"),
     ],
 )
 def test_mistakes_raise_one_sentence_and_write_nothing(run, tmp_path, kwargs, message):

@@ -1,12 +1,17 @@
-r"""Exports a run folder as a SavedModel (plus a .keras file) for serving.
+r"""Exports a run folder as a SavedModel (plus a .keras file) for serving, and converts it.
 
     python tools/export.py --workdir=runs/digits-cskd-s0            # -> runs/digits-cskd-s0/export
     python tools/export.py --workdir=RUN --export_dir=DIR --checkpoint=best --calibrate
+    python tools/export.py --workdir=RUN --format=tflite,onnx       # + model.tflite, model.onnx
+    python tools/export.py --workdir=RUN --export_dir=models/cskd --version=1   # TF Serving
 
 Signatures: `serving_default` (float32 raw pixels -> probabilities, logits),
-`serve_bytes` (JPEG/PNG strings -> the same) and `features` (pooled features).
+`serve_bytes` (JPEG/PNG strings -> the same), `features` (pooled features) and
+`serve_pixels` (raw pixels already at the network's size -> probabilities,
+logits, features; the one `--format` converts, since it holds no resize).
 `--calibrate` fits a temperature on the run's validation split and bakes it into
-`probabilities`. See cskd_tf/export.py. Mistakes print one "error:" line and exit 2.
+`probabilities`. `--version=N` writes everything into EXPORT_DIR/N/, TF Serving's
+layout. See cskd_tf/export.py. Mistakes print one "error:" line and exit 2.
 """
 
 import os
@@ -25,14 +30,37 @@ _CHECKPOINT = flags.DEFINE_enum(
 _CALIBRATE = flags.DEFINE_bool(
     "calibrate", False, "Fit a temperature on the validation split (temperature scaling)."
 )
+_FORMAT = flags.DEFINE_list(
+    "format",
+    [],
+    "Also convert serve_pixels: tflite (model.tflite, builtin ops), onnx (model.onnx, needs "
+    "tf2onnx and onnxruntime) or tflite,onnx; each is checked against the SavedModel.",
+)
+_VERSION = flags.DEFINE_integer(
+    "version", None, "Write into EXPORT_DIR/VERSION/ (TF Serving's numbered version folder)."
+)
 
 
 def main(argv):
     cli.no_arguments(argv)
     logging.set_verbosity(logging.WARNING)  # TensorFlow logs every saved function at INFO.
     export_dir = _EXPORT_DIR.value or os.path.join(_WORKDIR.value, "export")
-    info = export.export(_WORKDIR.value, export_dir, _CHECKPOINT.value, _CALIBRATE.value)
-    print(f"Wrote {export_dir}: signatures {', '.join(info['signatures'])}.")
+    info = export.export(
+        _WORKDIR.value,
+        export_dir,
+        _CHECKPOINT.value,
+        _CALIBRATE.value,
+        formats=_FORMAT.value,
+        version=_VERSION.value,
+    )
+    folder = export_dir if _VERSION.value is None else os.path.join(export_dir, str(_VERSION.value))
+    print(f"Wrote {folder}: signatures {', '.join(info['signatures'])}.")
+    for fmt, converted in info["converted"].items():
+        print(
+            f"Converted {converted['signature']} to {os.path.join(folder, converted['file'])} "
+            f"({converted['converter']}): max |difference| from the SavedModel "
+            f"{converted['max_abs_diff_from_saved_model']:.1e}."
+        )
     if info["calibration"]:
         c = info["calibration"]
         print(
