@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from cskd_tf import backbones, losses
 from cskd_tf.backbones import layers as backbone_layers
-from cskd_tf.model import Classifier, _batchmean
+from cskd_tf.model import Classifier, batch_mean
 
 # How the registry backbones name their stages; group 1 is the stage number. The first pattern
 # that matches any layer decides, so that preact_resnet's stem `relu1` is not read as a stage.
@@ -255,7 +255,7 @@ class BYOTModel(Classifier):
         def term(values):
             if weights is not None:
                 values *= tf.cast(weights, values.dtype)
-            return _batchmean(values)
+            return batch_mean(values)
 
         # Keras losses already divide by the replica count.
         ce = self._compute_loss(

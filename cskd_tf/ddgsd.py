@@ -4,7 +4,7 @@ import keras
 import tensorflow as tf
 
 from cskd_tf import backbones, losses
-from cskd_tf.model import Classifier, _batchmean, _num_replicas, _Untracked
+from cskd_tf.model import Classifier, batch_mean, _num_replicas, _Untracked
 
 
 def _mean_gap(features_a, features_b, sample_weight=None):
@@ -158,7 +158,7 @@ class DDGSDModel(Classifier):
         kl += losses.class_wise_kl(logits_b, logits_a, self.temperature)
         if sample_weight is not None:
             kl *= tf.cast(tf.reshape(sample_weight, [-1]), kl.dtype)
-        terms = {"ce": ce, "consistency": _batchmean(kl)}
+        terms = {"ce": ce, "consistency": batch_mean(kl)}
         return terms, logits_a, _mean_gap(features_a, features_b, sample_weight)
 
     def compute_objective(self, x, y, sample_weight):

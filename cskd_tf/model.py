@@ -21,10 +21,15 @@ def _first(x):
     return x[0] if _is_pair(x) else x
 
 
-def _batchmean(values):
-    # The reference's "batchmean", divided by the replica count because the optimizer sums
-    # gradients over replicas, as Keras does for its own losses (and, like Keras, an empty
-    # replica's share of a short last batch counts as 0).
+def batch_mean(values):
+    """The mean of per-example `values` over this replica's batch, as this replica's share.
+
+    The reference's "batchmean", divided by the replica count because the optimizer sums
+    gradients over replicas, as Keras does for its own losses (and, like Keras, an empty
+    replica's share of a short last batch counts as 0). A loss term an objective reduces
+    itself must go through it (or divide by the replica count) to train alike on any
+    number of replicas.
+    """
     total = tf.math.divide_no_nan(tf.reduce_sum(values), tf.cast(tf.size(values), values.dtype))
     return total / _num_replicas()
 
@@ -355,7 +360,7 @@ class CSKDModel(Classifier):
         def term(values):
             if weights is not None:
                 values *= tf.cast(weights, values.dtype)
-            return _batchmean(values)
+            return batch_mean(values)
 
         # The authors' order: the anchors' pass first, then the fixed targets' passes (in
         # training mode, as theirs, and without gradient). In a graph, TensorFlow runs
@@ -483,3 +488,51 @@ class HeadModel(Classifier):
     @classmethod
     def from_config(cls, config):
         return super().from_config({**config, "head": None})
+
+
+@keras.saving.register_keras_serializable(package="cskd_tf")
+class ObjectiveModel(Classifier):
+    """A backbone trained with the objective of a registered method (`cskd_tf.methods`).
+
+    For methods that are an objective, and perhaps some state kept from step to step,
+    rather than a model of their own: `compute_objective` calls the method's
+    `objective(model, x, y, sample_weight)`, and its `state(model)` creates the
+    variables it keeps. Everything else (the shared step, replicas, saving) is
+    `Classifier`'s.
+
+    Args:
+      backbone: keras.Model. Maps images to logits `[batch, classes]`.
+      method: str. The registered method's name.
+      options: dict. The method's flags (`Method.flags`) by name.
+      context: dict. The run's `cskd_tf.methods.Context`, without the teacher.
+      **kwargs: forwarded to `keras.Model`.
+    """
+
+    def __init__(self, backbone, method, options=None, context=None, **kwargs):
+        from cskd_tf import methods  # pylint: disable=g-import-not-at-top
+
+        spec = methods.get(method)
+        super().__init__(backbone, parts=spec.parts, **kwargs)
+        self.method = method
+        self.options = dict(options or {})
+        self.context = dict(context or {})
+        self._spec = _Untracked(spec)
+        if spec.state is not None:
+            spec.state(self)
+        self._build_with_backbone()
+
+    def compute_objective(self, x, y, sample_weight):
+        return self._spec.value.objective(self, x, y, sample_weight)
+
+    def empty_objective(self, x, y):
+        empty = self._spec.value.empty
+        return super().empty_objective(x, y) if empty is None else empty(self, x, y)
+
+    def reduce_objective(self, objective):
+        reduce = self._spec.value.reduce
+        return objective if reduce is None else reduce(self, objective)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(method=self.method, options=self.options, context=self.context)
+        return config

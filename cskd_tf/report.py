@@ -9,6 +9,7 @@ import json
 import pathlib
 import statistics
 
+from cskd_tf import methods
 from cskd_tf.errors import UserError
 from cskd_tf.paper import paper_numbers
 
@@ -49,23 +50,9 @@ DATASET_NAMES = {
     "imagenet": "ImageNet",
     "mixed": "Mixed (CUB + Dogs + MIT67)",
 }
-# In the paper's row order: the baselines, then CS-KD and its combinations.
-METHOD_NAMES = {
-    "ce": "Cross-entropy",
-    "adacos": "AdaCos",
-    "virtual_softmax": "Virtual-softmax",
-    "max_entropy": "Maximum-entropy",
-    "label_smoothing": "Label-smoothing",
-    "ddgsd": "DDGSD",
-    "byot": "BYOT",
-    "mixup": "Mixup",
-    "kd": "KD",
-    "cskd": "CS-KD",
-    "cskd_e": "CS-KD-E",
-    "cskd_sam": "CS-KD + L_sam (ICLR)",
-    "mixup_cskd": "Mixup + CS-KD",
-    "kd_cskd": "KD + CS-KD",
-}
+# The methods' names in tables, in the registry's (the paper's row) order: the baselines,
+# then CS-KD and its combinations.
+METHOD_NAMES = {name: methods.get(name).title for name in methods.names()}
 
 BEGIN_MARKER = "<!-- results:begin -->"
 END_MARKER = "<!-- results:end -->"
@@ -200,12 +187,12 @@ def load_runs(paths: list) -> list[dict]:
 
 def _sort_key(group: tuple) -> tuple:
     dataset, backbone, method = group
-    datasets, methods = list(DATASET_NAMES), list(METHOD_NAMES)
+    datasets, method_order = list(DATASET_NAMES), list(METHOD_NAMES)
     return (
         datasets.index(dataset) if dataset in datasets else len(datasets),
         dataset,
         backbone,
-        methods.index(method) if method in methods else len(methods),
+        method_order.index(method) if method in method_order else len(method_order),
         method,
     )
 
@@ -358,13 +345,16 @@ def markdown_table(rows: list[dict], metrics=None) -> str:
     return "\n".join([join(header), join(rule), *map(join, lines), "", footer]) + "\n"
 
 
-def update_readme(readme_path, table: str) -> bool:
-    """Puts `table` between the README's results markers.
+def update_readme(
+    readme_path, table: str, begin_marker=BEGIN_MARKER, end_marker=END_MARKER
+) -> bool:
+    """Puts `table` between two marker lines of a README (the results markers by default).
 
     Args:
         readme_path: str | os.PathLike. The file to update, e.g. README.md.
-        table: str. What goes between the lines `<!-- results:begin -->` and
-            `<!-- results:end -->` (kept), with a blank line either side.
+        table: str. What goes between the marker lines (kept), with a blank line either side.
+        begin_marker, end_marker: str. The lines, by default `<!-- results:begin -->` and
+            `<!-- results:end -->`.
 
     Returns:
         bool. Whether the file changed (it is written only then).
@@ -381,14 +371,14 @@ def update_readme(readme_path, table: str) -> bool:
         raise UserError(f"Cannot read {path}: {err.strerror}.") from err
     lines = old.splitlines(keepends=True)
     stripped = [line.strip() for line in lines]
-    if stripped.count(BEGIN_MARKER) != 1 or stripped.count(END_MARKER) != 1:
+    if stripped.count(begin_marker) != 1 or stripped.count(end_marker) != 1:
         raise UserError(
-            f"{path} needs the lines {BEGIN_MARKER} and {END_MARKER}, each once, "
+            f"{path} needs the lines {begin_marker} and {end_marker}, each once, "
             "to put the table between."
         )
-    begin, end = stripped.index(BEGIN_MARKER), stripped.index(END_MARKER)
+    begin, end = stripped.index(begin_marker), stripped.index(end_marker)
     if end < begin:
-        raise UserError(f"In {path}, {END_MARKER} comes before {BEGIN_MARKER}.")
+        raise UserError(f"In {path}, {end_marker} comes before {begin_marker}.")
     newline = "\r\n" if lines[begin].endswith("\r\n") else "\n"
     body = "\n" + table.strip("\n") + "\n\n"
     new = "".join(lines[: begin + 1]) + body.replace("\n", newline) + "".join(lines[end:])

@@ -15,6 +15,7 @@ from its last checkpoint (`cskd_tf.checkpointing`) and leaves a finished one as 
 """
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -24,28 +25,9 @@ import time
 from absl import flags
 
 from cskd_tf import cli as cli_lib
+from cskd_tf import methods
 from cskd_tf.errors import UserError
 
-# Method -> what it trains with: same-class pairs, the clean view (CS-KD-E),
-# Mixup, a teacher (KD). Every method's cross-entropy takes --label_smoothing
-# and --entropy_weight; the two baselines of those names only change their defaults.
-METHODS = {
-    "ce": dict(),
-    "cskd": dict(pairs=True),
-    "label_smoothing": dict(),
-    "max_entropy": dict(),
-    "mixup": dict(mixup=True),
-    "mixup_cskd": dict(pairs=True, mixup=True),
-    "cskd_e": dict(pairs=True, clean=True),
-    "cskd_sam": dict(pairs=True, clean=True, sample_form="iclr"),
-    "kd": dict(teacher=True),
-    "kd_cskd": dict(pairs=True, teacher=True),
-    "adacos": dict(head="adacos"),
-    "virtual_softmax": dict(head="virtual_softmax"),
-    # Two augmented views of each image (the "partner" is the anchor itself).
-    "ddgsd": dict(pairs=True, partner="self", model="ddgsd"),
-    "byot": dict(model="byot"),
-}
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")  # cskd_tf.distributed's.
 _FLAGS = {}
@@ -66,12 +48,17 @@ DEFAULTS = {
 
 
 def define_flags(flag_values=flags.FLAGS):
-    """Defines the training flags on `flag_values`; returns them by name."""
+    """Defines the training flags, and every registered method's, on `flag_values`.
+
+    Returns:
+      dict. The flag holders by name, in the order `run` takes (and `flags.txt` lists) them.
+    """
     fv = dict(flag_values=flag_values)
     string = lambda *a: flags.DEFINE_string(*a, **fv)
     integer = lambda *a: flags.DEFINE_integer(*a, **fv)
     real = lambda *a: flags.DEFINE_float(*a, **fv)
-    return dict(
+    kinds = dict(float=real, integer=integer, string=string)
+    holders = dict(
         dataset=string(
             "dataset",
             "digits",
@@ -93,40 +80,31 @@ def define_flags(flag_values=flags.FLAGS):
         method=flags.DEFINE_enum(
             "method",
             "cskd",
-            list(METHODS),
-            "Training objective: ce, cskd, label_smoothing, max_entropy (confidence penalty), "
-            "mixup, mixup_cskd, cskd_e (CS-KD + the CVPR paper's sample-wise term), cskd_sam "
-            "(+ the ICLR submission's L_sam), kd, kd_cskd (with --teacher), adacos, "
-            "virtual_softmax, ddgsd, byot.",
+            methods.names(),
+            "Training objective (cskd_tf.methods): "
+            + "; ".join(f"{m}: {methods.get(m).title}" for m in methods.names())
+            + ".",
             **fv,
         ),
-        temperature=real("temperature", 4.0, "CS-KD temperature T."),
-        lambda_cls=real("lambda_cls", 1.0, "Weight of the class-wise term."),
-        lambda_sample=real(
-            "lambda_sample",
-            1.0,
-            "cskd_e, cskd_sam: weight (lambda_E, lambda_sam) of the sample-wise term.",
-        ),
+    )
+    # Each method's flags, declared by the methods that read them.
+    for name, flag in methods.flags().items():
+        holders[name] = kinds[flag.kind](
+            name, flag.default, f"{', '.join(methods.readers(name))}: {flag.help}"
+        )
+    holders.update(
         label_smoothing=real(
             "label_smoothing",
             None,
-            "Label smoothing of the cross-entropy; unset: 0.1 for "
-            "--method=label_smoothing, else 0.",
+            "Label smoothing of every method's cross-entropy; unset: the method's "
+            "(0.1 for --method=label_smoothing), else 0.",
         ),
         entropy_weight=real(
             "entropy_weight",
             None,
-            "Confidence penalty beta (CE - beta * entropy); unset: 0.1 "
-            "for --method=max_entropy, else 0.",
+            "Confidence penalty beta (CE - beta * entropy) of every method's cross-entropy; "
+            "unset: the method's (0.1 for --method=max_entropy), else 0.",
         ),
-        mixup_alpha=real("mixup_alpha", 1.0, "mixup, mixup_cskd: Beta(alpha, alpha) of Mixup."),
-        teacher=string(
-            "teacher",
-            None,
-            "kd, kd_cskd: the teacher, a run folder, an export folder or a .keras file.",
-        ),
-        kd_alpha=real("kd_alpha", 0.9, "kd, kd_cskd: weight of distillation (CE gets 1 - alpha)."),
-        kd_temperature=real("kd_temperature", 4.0, "kd, kd_cskd: distillation temperature."),
         epochs=integer("epochs", None, "Epochs; unset: the paper's."),
         batch_size=integer("batch_size", None, "Anchors per step; unset: the paper's."),
         lr=real("lr", 0.1, "Initial learning rate (divided by 10 at 50% and 75%)."),
@@ -195,6 +173,13 @@ def define_flags(flag_values=flags.FLAGS):
         ),
         workdir=string("workdir", None, "Run folder; unset: runs/DATASET-METHOD-sSEED."),
     )
+    return holders
+
+
+def defaults():
+    """Every training flag's default, as `run` takes them."""
+    values = flags.FlagValues()
+    return {name: values[name].default for name in define_flags(values)}
 
 
 def _check(condition, message):
@@ -231,42 +216,14 @@ def _dtype_policy(name):
         keras.config.set_dtype_policy(previous)
 
 
-def run(
-    dataset="digits",
-    data_dir=None,
-    backbone=None,
-    method="cskd",
-    temperature=4.0,
-    lambda_cls=1.0,
-    lambda_sample=1.0,
-    label_smoothing=None,
-    entropy_weight=None,
-    mixup_alpha=1.0,
-    teacher=None,
-    kd_alpha=0.9,
-    kd_temperature=4.0,
-    epochs=None,
-    batch_size=None,
-    lr=0.1,
-    momentum=0.9,
-    weight_decay=1e-4,
-    val_split=0.0,
-    eval_every=1,
-    jit_compile=None,
-    mixed_precision="none",
-    strategy="auto",
-    cpu_replicas=0,
-    seed=0,
-    deterministic=False,
-    save_every_steps=500,
-    run_eagerly=False,
-    workdir=None,
-    verbose=None,
-):
+def run(verbose=None, **values):
     """Trains, evaluates on the test split and writes the run folder.
 
-    Args: as the flags of the same names; `verbose` is Keras' (None: a
-    progress bar on a terminal, one line per epoch otherwise).
+    Args:
+      verbose: Keras' verbosity (None: a progress bar on a terminal, one line per
+        epoch otherwise).
+      **values: the training flags by name (see `define_flags`); the others keep
+        their defaults.
 
     Under `strategy="multi_worker"` every worker runs this function; only the
     chief validates and writes the run folder and evaluates.
@@ -282,114 +239,21 @@ def run(
       (the global step it continued from; None for a new run; `"finished"` when
       the run had already finished and nothing was done).
     """
+    unknown = sorted(set(values) - set(defaults()))
+    if unknown:
+        raise TypeError(f"run() got unexpected arguments: {', '.join(unknown)}.")
+    config, method = _resolve({**defaults(), **values})
+
+    # --- Strategy and run folder -------------------------------------------------
     # Imported here so that `--help` and flag errors answer at once.
-    import keras  # pylint: disable=g-import-not-at-top
-
-    import cskd_tf  # pylint: disable=g-import-not-at-top
-    from cskd_tf import backbones  # pylint: disable=g-import-not-at-top
     from cskd_tf import checkpointing  # pylint: disable=g-import-not-at-top
-    from cskd_tf import callbacks as callbacks_lib  # pylint: disable=g-import-not-at-top
-    from cskd_tf import data  # pylint: disable=g-import-not-at-top
     from cskd_tf import distributed  # pylint: disable=g-import-not-at-top
-    from cskd_tf import losses  # pylint: disable=g-import-not-at-top
-    from cskd_tf.data import mixup as mixup_lib  # pylint: disable=g-import-not-at-top
-    from cskd_tf import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-    from cskd_tf.data import sources  # pylint: disable=g-import-not-at-top
-    from cskd_tf import heads  # pylint: disable=g-import-not-at-top
-    from cskd_tf.model import Classifier  # pylint: disable=g-import-not-at-top
-    from cskd_tf.model import CSKDModel  # pylint: disable=g-import-not-at-top
-    from cskd_tf.model import HeadModel  # pylint: disable=g-import-not-at-top
-    from cskd_tf import saving  # pylint: disable=g-import-not-at-top
-    from cskd_tf.byot import BYOTModel  # pylint: disable=g-import-not-at-top
-    from cskd_tf.ddgsd import DDGSDModel  # pylint: disable=g-import-not-at-top
-    from cskd_tf.optim import CoupledWeightDecaySGD, step_schedule  # pylint: disable=g-import-not-at-top
 
-    # --- Arguments -------------------------------------------------------------
-    dataset = sources.ALIASES.get(dataset, dataset)
-    _check(
-        dataset in sources.names(),
-        f"Unknown data set '{dataset}'. Choose one of: {', '.join(sources.names())}.",
-    )
-    _check(method in METHODS, f"Unknown method '{method}'. Choose one of: {', '.join(METHODS)}.")
-    defaults = DEFAULTS[dataset]
-    backbone = backbone or defaults["backbone"]
-    epochs = epochs or defaults["epochs"]
-    batch_size = batch_size or defaults["batch_size"]
-    _check(
-        backbone in backbones.names(),
-        f"Unknown backbone '{backbone}'. Choose one of: {', '.join(backbones.names())}.",
-    )
-    _check(temperature > 0, f"--temperature must be > 0, got {temperature}.")
-    _check(lambda_cls >= 0, f"--lambda_cls must be >= 0, got {lambda_cls}.")
-    _check(lambda_sample >= 0, f"--lambda_sample must be >= 0, got {lambda_sample}.")
-    needs = METHODS[method]
-    if label_smoothing is None:
-        label_smoothing = 0.1 if method == "label_smoothing" else 0.0
-    if entropy_weight is None:
-        entropy_weight = 0.1 if method == "max_entropy" else 0.0
-    _check(
-        0 <= label_smoothing <= 1, f"--label_smoothing must be in [0, 1], got {label_smoothing}."
-    )
-    _check(entropy_weight >= 0, f"--entropy_weight must be >= 0, got {entropy_weight}.")
-    _check(mixup_alpha > 0, f"--mixup_alpha must be > 0, got {mixup_alpha}.")
-    _check(0 <= kd_alpha <= 1, f"--kd_alpha must be in [0, 1], got {kd_alpha}.")
-    _check(kd_temperature > 0, f"--kd_temperature must be > 0, got {kd_temperature}.")
-    _check(
-        bool(teacher) == bool(needs.get("teacher")),
-        f"--method={method} needs --teacher (a run folder, export folder or .keras file)."
-        if needs.get("teacher")
-        else f"--teacher is only used by --method=kd or kd_cskd, not {method}.",
-    )
-    if teacher:
-        teacher = _teacher_file(teacher)
-    _check(epochs >= 1, f"--epochs must be >= 1, got {epochs}.")
-    _check(batch_size >= 1, f"--batch_size must be >= 1, got {batch_size}.")
-    _check(lr > 0, f"--lr must be > 0, got {lr}.")
-    _check(0 <= val_split < 1, f"--val_split must be in [0, 1), got {val_split}.")
-    _check(weight_decay >= 0, f"--weight_decay must be >= 0, got {weight_decay}.")
-    _check(eval_every >= 0, f"--eval_every must be >= 0, got {eval_every}.")
-    _check(save_every_steps >= 0, f"--save_every_steps must be >= 0, got {save_every_steps}.")
-    _check(cpu_replicas >= 0, f"--cpu_replicas must be >= 0, got {cpu_replicas}.")
-    _check(
-        mixed_precision in PRECISIONS,
-        f"Unknown --mixed_precision '{mixed_precision}'. Choose one of: {', '.join(PRECISIONS)}.",
-    )
     # Before any TensorFlow op: a multi-worker strategy must configure the runtime first.
-    strategy_name, strategy = strategy, distributed.make_strategy(strategy, cpu_replicas)
+    strategy = distributed.make_strategy(config["strategy"], config["cpu_replicas"])
     chief = distributed.is_chief(strategy)
-    workdir = workdir or os.path.join("runs", f"{dataset}-{method}-s{seed}")
-    resolved = dict(
-        dataset=dataset,
-        data_dir=data_dir,
-        backbone=backbone,
-        method=method,
-        temperature=temperature,
-        lambda_cls=lambda_cls,
-        lambda_sample=lambda_sample,
-        label_smoothing=label_smoothing,
-        entropy_weight=entropy_weight,
-        mixup_alpha=mixup_alpha,
-        teacher=teacher,
-        kd_alpha=kd_alpha,
-        kd_temperature=kd_temperature,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        val_split=val_split,
-        eval_every=eval_every,
-        jit_compile=jit_compile,
-        mixed_precision=mixed_precision,
-        strategy=strategy_name,
-        cpu_replicas=cpu_replicas,
-        seed=seed,
-        deterministic=deterministic,
-        save_every_steps=save_every_steps,
-        run_eagerly=run_eagerly,
-        workdir=workdir,
-    )
-    folder = _run_folder(workdir, resolved) if chief else "new"
+    workdir = config["workdir"]
+    folder = _run_folder(workdir, config) if chief else "new"
     if folder == "finished":
         print(f"{workdir} is a finished run (metrics.json): nothing to do.")
         with open(os.path.join(workdir, "metrics.json")) as f:
@@ -397,170 +261,287 @@ def run(
         return dict(history=None, metrics=results, workdir=workdir, model=None, resumed="finished")
     store = checkpointing.ResumeStore(os.path.join(workdir, "checkpoints"))
     state = store.read_state() if folder == "resume" or not chief else None
-    keras.utils.set_random_seed(seed)
-    if deterministic:
+    _seed(config)
+
+    data = _data(config, method)
+    model, context = _model(config, method, data, strategy)
+    if state is not None:
+        _restore(model, store, state, config, data)
+    run_checkpoint, callbacks = _callbacks(config, data, model, store, state, chief)
+
+    created = chief and folder == "new"
+    splits = [data.train, data.test, data.val]
+    with _on_failure(workdir if created else None, store, splits):
+        history, train_seconds = _fit(
+            config, method, data, (model, context), (run_checkpoint, callbacks), state, verbose
+        )
+        if not chief:  # Another worker: trained in step with the chief, writes nothing.
+            return dict(history=history, metrics=None, workdir=None, model=model, resumed=None)
+        results = _evaluate(config, data, model, train_seconds if state is None else None)
+
+        # --- Save ------------------------------------------------------------------
+        # Written last, and atomically: its presence marks the run finished.
+        checkpointing.atomic_write_text(
+            os.path.join(workdir, "metrics.json"), json.dumps(results, indent=2, sort_keys=True)
+        )
+        resumed = state["global_step"] if state else None
+        return dict(history=history, metrics=results, workdir=workdir, model=model, resumed=resumed)
+
+
+def _resolve(values):
+    """Checks the flags and fills in what they leave unset; returns `(config, method)`.
+
+    `config` holds every flag's value (the paper's where unset), in `define_flags`'
+    order: what `flags.txt` records.
+
+    Raises:
+      UserError: for an unknown name or a value out of range.
+    """
+    from cskd_tf import backbones  # pylint: disable=g-import-not-at-top
+    from cskd_tf.data import sources  # pylint: disable=g-import-not-at-top
+
+    config = dict(values)
+    dataset = config["dataset"] = sources.ALIASES.get(config["dataset"], config["dataset"])
+    _check(
+        dataset in sources.names(),
+        f"Unknown data set '{dataset}'. Choose one of: {', '.join(sources.names())}.",
+    )
+    method = methods.get(config["method"])
+    for name, value in DEFAULTS[dataset].items():
+        if config[name] is None:
+            config[name] = value
+    for name, value in {"label_smoothing": 0.0, "entropy_weight": 0.0, **method.defaults}.items():
+        if config[name] is None:
+            config[name] = value
+    _check(
+        config["backbone"] in backbones.names(),
+        f"Unknown backbone '{config['backbone']}'. Choose one of: {', '.join(backbones.names())}.",
+    )
+    for name, flag in methods.flags().items():  # Every method's flags, whichever is used.
+        flag.validate(name, config[name])
+    ls, ew = config["label_smoothing"], config["entropy_weight"]
+    _check(0 <= ls <= 1, f"--label_smoothing must be in [0, 1], got {ls}.")
+    _check(ew >= 0, f"--entropy_weight must be >= 0, got {ew}.")
+    _check(
+        bool(config["teacher"]) == method.teacher,
+        f"--method={method.name} needs --teacher (a run folder, export folder or .keras file)."
+        if method.teacher
+        else f"--teacher is only used by --method="
+        + " or ".join(m for m in methods.names() if methods.get(m).teacher)
+        + f", not {method.name}.",
+    )
+    if config["teacher"]:
+        config["teacher"] = _teacher_file(config["teacher"])
+    for name, bound, ok in [
+        ("epochs", ">= 1", config["epochs"] >= 1),
+        ("batch_size", ">= 1", config["batch_size"] >= 1),
+        ("lr", "> 0", config["lr"] > 0),
+        ("val_split", "in [0, 1)", 0 <= config["val_split"] < 1),
+        ("weight_decay", ">= 0", config["weight_decay"] >= 0),
+        ("eval_every", ">= 0", config["eval_every"] >= 0),
+        ("save_every_steps", ">= 0", config["save_every_steps"] >= 0),
+        ("cpu_replicas", ">= 0", config["cpu_replicas"] >= 0),
+    ]:
+        _check(ok, f"--{name} must be {bound}, got {config[name]}.")
+    _check(
+        config["mixed_precision"] in PRECISIONS,
+        f"Unknown --mixed_precision '{config['mixed_precision']}'. "
+        f"Choose one of: {', '.join(PRECISIONS)}.",
+    )
+    config["workdir"] = config["workdir"] or os.path.join(
+        "runs", f"{dataset}-{method.name}-s{config['seed']}"
+    )
+    return _own_flags(config), method
+
+
+def _own_flags(values):
+    """`values` without the flags of methods other than `values["method"]`'s."""
+    own = methods.get(values["method"]).flags
+    return {k: v for k, v in values.items() if k not in methods.flags() or k in own}
+
+
+def _seed(config):
+    import keras  # pylint: disable=g-import-not-at-top
+
+    keras.utils.set_random_seed(config["seed"])
+    if config["deterministic"]:
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
         tf.config.experimental.enable_op_determinism()
 
-    # --- Data ------------------------------------------------------------------
-    source = data.load(dataset, data_dir)
-    train, test = source.train, source.test
-    val = None
-    if val_split > 0:
+
+class _Data:
+    """The splits of a run and how its training batches are made."""
+
+    def __init__(self, source, train, val, test, augmenter, batch_size):
+        self.source, self.train, self.val, self.test = source, train, val, test
+        self.augmenter = augmenter
+        self.steps_per_epoch = math.ceil(len(train) / batch_size)
+
+
+def _data(config, method):
+    """Loads the data set and splits off the validation set; checks it fits the method."""
+    from cskd_tf import data  # pylint: disable=g-import-not-at-top
+    from cskd_tf.data import sources  # pylint: disable=g-import-not-at-top
+
+    dataset, batch_size = config["dataset"], config["batch_size"]
+    source = data.load(dataset, config["data_dir"])
+    train, test, val = source.train, source.test, None
+    streamed = not isinstance(train, sources.Split)
+    if config["val_split"] > 0:
         _check(
-            isinstance(train, sources.Split),
+            not streamed,
             f"--val_split needs random access to the training set, which the "
             f"streamed data set '{dataset}' lacks.",
         )
-        train, val = data.stratified_split(train, val_split, seed=seed)
+        train, val = data.stratified_split(train, config["val_split"], seed=config["seed"])
     _check(
         batch_size <= len(train),
         f"--batch_size {batch_size} is larger than the {len(train)} training examples.",
     )
     for name, split in (("training", train), ("test", test), ("validation", val)):
         _check_labels(split, source.num_classes, name, dataset)
-    augmenter = data.Augmenter(source.preset, seed=seed)
-    steps_per_epoch = math.ceil(len(train) / batch_size)
-    streamed = not isinstance(train, sources.Split)
     _check(
-        not (streamed and needs.get("clean")),
-        f"--method={method} needs the clean view of each anchor, which the streamed "
+        not (streamed and method.batches.clean),
+        f"--method={method.name} needs the clean view of each anchor, which the streamed "
         f"data set '{dataset}' does not provide.",
     )
     _check(
-        not (streamed and needs.get("partner")),
-        f"--method={method} needs two views of each image, which the streamed data set "
+        not (streamed and method.batches.partner == "self"),
+        f"--method={method.name} needs two views of each image, which the streamed data set "
         f"'{dataset}' does not provide.",
     )
+    augmenter = data.Augmenter(source.preset, seed=config["seed"])
+    return _Data(source, train, val, test, augmenter, batch_size)
 
-    def train_batches(epoch_range, skip):
-        """The training batches of the epochs in `epoch_range`, less `skip` of the first."""
-        common = dict(seed=seed, augment=augmenter.train, epochs=epoch_range, skip=skip)
-        if needs.get("pairs") and streamed:
-            ds = data.stream_pair_dataset(train.make(), batch_size, kind=train.kind, **common)
-        elif needs.get("pairs"):
-            ds = data.pair_dataset(
-                train.values,
-                train.labels,
-                batch_size,
-                kind=train.kind,
-                clean=augmenter.eval if needs.get("clean") else None,
-                partner=needs.get("partner", "class"),
-                **common,
-            )
-        else:
-            ds = data.split_dataset(train, batch_size, shuffle=True, **common)
-        if needs.get("mixup"):
-            first = epoch_range.start * steps_per_epoch + skip
-            ds = mixup_lib.mixup(
-                ds, source.num_classes, alpha=mixup_alpha, seed=seed, first_batch=first
-            )
-        return ds
 
-    test_ds = data.split_dataset(test, batch_size, augment=augmenter.eval)
-    val_ds = (
-        data.split_dataset(val, batch_size, augment=augmenter.eval)
-        if val is not None and len(val)
-        else None
+def _training_batches(config, method, data, context, epoch_range, skip):
+    """The training batches of the epochs in `epoch_range`, less `skip` of the first."""
+    from cskd_tf.data import pairs  # pylint: disable=g-import-not-at-top
+
+    ds = pairs.training_dataset(
+        data.train,
+        method.batches,
+        config["batch_size"],
+        seed=config["seed"],
+        augmenter=data.augmenter,
+        epochs=epoch_range,
+        skip=skip,
     )
+    if method.transform is not None:
+        first = epoch_range.start * data.steps_per_epoch + skip
+        ds = method.transform(ds, config, context, first)
+    return ds
 
-    # --- Model -----------------------------------------------------------------
-    with strategy.scope(), _dtype_policy(mixed_precision):
-        net = backbones.get(backbone, source.num_classes, augmenter.input_shape)
-        teacher_model = None
-        if teacher:
-            teacher_model = saving.load_model(teacher)
-            teacher_model = callbacks_lib.classifier_of(teacher_model)
+
+def _model(config, method, data, strategy):
+    """Builds the backbone, the method's model around it, and compiles it.
+
+    Returns:
+      `(model, context)`: the compiled model and what the method was told of the run.
+    """
+    import keras  # pylint: disable=g-import-not-at-top
+
+    from cskd_tf import backbones  # pylint: disable=g-import-not-at-top
+    from cskd_tf import callbacks as callbacks_lib  # pylint: disable=g-import-not-at-top
+    from cskd_tf import losses  # pylint: disable=g-import-not-at-top
+    from cskd_tf import saving  # pylint: disable=g-import-not-at-top
+    from cskd_tf.optim import CoupledWeightDecaySGD, step_schedule  # pylint: disable=g-import-not-at-top
+
+    source, shape = data.source, data.augmenter.input_shape
+    context = methods.Context(
+        dataset=config["dataset"],
+        backbone=config["backbone"],
+        num_classes=source.num_classes,
+        input_shape=tuple(shape),
+        train_size=len(data.train),
+        epochs=config["epochs"],
+        steps_per_epoch=data.steps_per_epoch,
+    )
+    if method.check is not None:
+        method.check(config, context)
+    with strategy.scope(), _dtype_policy(config["mixed_precision"]):
+        net = backbones.get(config["backbone"], source.num_classes, shape)
+        if method.teacher:
+            teacher = callbacks_lib.classifier_of(saving.load_model(config["teacher"]))
             _check(
-                tuple(teacher_model.output.shape[1:]) == (source.num_classes,)
-                and tuple(teacher_model.input.shape[1:]) == tuple(augmenter.input_shape),
-                f"The teacher {teacher} maps {teacher_model.input.shape[1:]} to "
-                f"{teacher_model.output.shape[1:]}, but '{dataset}' needs "
-                f"{augmenter.input_shape} to ({source.num_classes},).",
+                tuple(teacher.output.shape[1:]) == (source.num_classes,)
+                and tuple(teacher.input.shape[1:]) == tuple(shape),
+                f"The teacher {config['teacher']} maps {teacher.input.shape[1:]} to "
+                f"{teacher.output.shape[1:]}, but '{config['dataset']}' needs "
+                f"{shape} to ({source.num_classes},).",
             )
-        if needs.get("model") == "ddgsd":
-            model = DDGSDModel(net, temperature=temperature)
-        elif needs.get("model") == "byot":
-            try:
-                model = BYOTModel(net)
-            except ValueError as err:  # A backbone without stages (the MLP).
-                raise UserError(f"--method=byot cannot use --backbone={backbone}: {err}") from None
-        elif needs.get("pairs") or teacher_model is not None:
-            model = CSKDModel(
-                net,
-                temperature=temperature,
-                lambda_cls=lambda_cls if needs.get("pairs") else 0.0,
-                lambda_sample=lambda_sample if needs.get("clean") else 0.0,
-                sample_form=needs.get("sample_form", "cvpr"),
-                teacher=teacher_model,
-                kd_alpha=kd_alpha if teacher_model is not None else 0.0,
-                kd_temperature=kd_temperature,
-            )
-        elif needs.get("head"):
-            try:
-                head = heads.get(needs["head"], source.num_classes)
-            except ValueError as err:  # AdaCos' scale needs three classes or more.
-                raise UserError(f"--method={method} on '{dataset}': {err}") from None
-            model = HeadModel(net, head)
-        else:
-            model = Classifier(net)
-
-        # --- Compile -------------------------------------------------------------
-        schedule = step_schedule(lr, epochs, steps_per_epoch)
+            context = dataclasses.replace(context, teacher=teacher)
+        model = method.make_model(net, config, context)
         model.compile(
             optimizer=CoupledWeightDecaySGD(
-                schedule, momentum=momentum, coupled_weight_decay=weight_decay
+                step_schedule(config["lr"], config["epochs"], data.steps_per_epoch),
+                momentum=config["momentum"],
+                coupled_weight_decay=config["weight_decay"],
             ),
-            loss=losses.ClassificationLoss(label_smoothing, entropy_weight),
+            loss=losses.ClassificationLoss(config["label_smoothing"], config["entropy_weight"]),
             metrics=[
-                # Mixup's labels are soft: accuracy against their larger share.
+                # Soft labels (Mixup): accuracy against their larger share.
                 keras.metrics.CategoricalAccuracy(name="accuracy")
-                if needs.get("mixup")
+                if method.soft_labels
                 else keras.metrics.SparseCategoricalAccuracy(name="accuracy")
             ],
-            jit_compile="auto" if jit_compile is None else jit_compile,
-            run_eagerly=run_eagerly,
+            jit_compile="auto" if config["jit_compile"] is None else config["jit_compile"],
+            run_eagerly=config["run_eagerly"],
         )
+    return model, context
 
-        # --- Resume ------------------------------------------------------------
-        if state is not None:
-            _check(
-                state.get("format") == checkpointing.FORMAT,
-                f"The run folder {workdir} was started by cskd_tf {state.get('version', '0.1')}, "
-                f"whose training computed batch-norm and the pass order differently; this "
-                f"version cannot continue it: finish it with that version, or pass another "
-                f"--workdir.",
-            )
-            _check(
-                state.get("num_classes") == source.num_classes,
-                f"The run folder {workdir} was trained on {state.get('num_classes')} classes, "
-                f"but '{dataset}' now has {source.num_classes}: pass another --workdir.",
-            )
-            try:
-                store.restore(model)
-            except (ValueError, OSError) as err:
-                raise UserError(
-                    f"The checkpoint in {store.latest()} does not fit this model ({err}); "
-                    f"pass another --workdir."
-                ) from None
-    first_epoch, first_step = (state["epoch"], state["step"]) if state else (0, 0)
 
-    # --- Callbacks -------------------------------------------------------------
-    if verbose is None:
-        verbose = 1 if sys.stdout.isatty() else 2
+def _restore(model, store, state, config, data):
+    """Loads the newest checkpoint of a resumed run into `model`, after checking it fits."""
+    from cskd_tf import checkpointing  # pylint: disable=g-import-not-at-top
+
+    workdir, dataset = config["workdir"], config["dataset"]
+    _check(
+        state.get("format") == checkpointing.FORMAT,
+        f"The run folder {workdir} was started by cskd_tf {state.get('version', '0.1')}, "
+        f"whose training computed batch-norm and the pass order differently; this "
+        f"version cannot continue it: finish it with that version, or pass another "
+        f"--workdir.",
+    )
+    num_classes = data.source.num_classes
+    _check(
+        state.get("num_classes") == num_classes,
+        f"The run folder {workdir} was trained on {state.get('num_classes')} classes, "
+        f"but '{dataset}' now has {num_classes}: pass another --workdir.",
+    )
+    with model.distribute_strategy.scope():
+        try:
+            store.restore(model)
+        except (ValueError, OSError) as err:
+            raise UserError(
+                f"The checkpoint in {store.latest()} does not fit this model ({err}); "
+                f"pass another --workdir."
+            ) from None
+
+
+def _callbacks(config, data, model, store, state, chief):
+    """The resume checkpoint, the per-epoch evaluation and TensorBoard; makes the folder."""
+    import keras  # pylint: disable=g-import-not-at-top
+
+    import cskd_tf  # pylint: disable=g-import-not-at-top
+    from cskd_tf import callbacks as callbacks_lib  # pylint: disable=g-import-not-at-top
+    from cskd_tf import checkpointing  # pylint: disable=g-import-not-at-top
+
+    workdir, eval_every = config["workdir"], config["eval_every"]
+    test_ds, val_ds = _eval_datasets(config, data)
     monitor = "val_top1_error" if val_ds is not None and eval_every else None
     checkpoints = os.path.join(workdir, "checkpoints")
     run_checkpoint = checkpointing.RunCheckpoint(
         checkpoints,
-        steps_per_epoch,
-        every_steps=save_every_steps,
+        data.steps_per_epoch,
+        every_steps=config["save_every_steps"],
         state=state,
         monitor=monitor,
         info=dict(
-            num_classes=source.num_classes,
-            dataset=dataset,
-            backbone=backbone,
+            num_classes=data.source.num_classes,
+            dataset=config["dataset"],
+            backbone=config["backbone"],
             format=checkpointing.FORMAT,
             version=cskd_tf.__version__,
         ),
@@ -578,98 +559,125 @@ def run(
         store.clean()  # What a killed save may have left.
         flags_path = os.path.join(workdir, "flags.txt")
         if not os.path.isfile(flags_path):
-            _write_flagfile(flags_path, resolved)
+            _write_flagfile(flags_path, config)
         callbacks.append(
             keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard"), profile_batch=0)
         )
+    return run_checkpoint, callbacks
 
-    created = chief and folder == "new"
-    with _on_failure(workdir if created else None, store, [train, test, val]):
-        # --- Fit -------------------------------------------------------------------
-        start = time.time()
-        # The validation split is scored by the EvaluationCallback (one pass for
-        # every metric), not by Keras' own validation loop. An epoch interrupted
-        # midway is finished first, on its own, then the remaining epochs.
-        parts = [(first_epoch, first_epoch + 1, first_step)] if first_step else []
-        parts.append((first_epoch + bool(first_step), epochs, 0))
-        for begin, end, skip in parts:
-            if begin >= end or run_checkpoint.diverged_at is not None:
-                continue
-            batches = train_batches(range(begin, end), skip)
-            if distributed.is_multi_worker(strategy):  # Keras 3.15's fit fails there (#20585).
-                distributed.fit_multi_worker(
-                    model,
-                    batches,
-                    end,
-                    callbacks,
-                    verbose if chief else 0,
-                    initial_epoch=begin,
-                    steps_per_epoch=steps_per_epoch - skip,
-                )
-            else:
-                model.fit(
-                    batches,
-                    epochs=end,
-                    initial_epoch=begin,
-                    steps_per_epoch=steps_per_epoch - skip,
-                    shuffle=False,
-                    callbacks=callbacks,
-                    verbose=verbose,
-                )
-        train_seconds = time.time() - start
-        if chief and first_epoch >= epochs:  # Killed between the last epoch's two saves.
-            checkpointing.atomic_save_model(model, os.path.join(checkpoints, "last.keras"))
-        if run_checkpoint.diverged_at is not None:
-            step, good = run_checkpoint.diverged_at, store.read_state()
-            kept = (
-                f"the last good checkpoint (step {good['global_step']}) is in {checkpoints}"
-                if good
-                else "no checkpoint had been saved yet"
+
+def _eval_datasets(config, data):
+    """The test and (with `--val_split`) validation batches, evaluation preprocessing."""
+    from cskd_tf import data as data_lib  # pylint: disable=g-import-not-at-top
+
+    batch_size, augment = config["batch_size"], data.augmenter.eval
+    test = data_lib.split_dataset(data.test, batch_size, augment=augment)
+    val = data.val
+    val = data_lib.split_dataset(val, batch_size, augment=augment) if val and len(val) else None
+    return test, val
+
+
+def _fit(config, method, data, built, callbacks, state, verbose):
+    """Trains from where `state` left off; returns the run's per-epoch history and its time.
+
+    `built` is `_model`'s `(model, context)`, `callbacks` `_callbacks`' `(run_checkpoint,
+    callbacks)`.
+    """
+    from cskd_tf import checkpointing  # pylint: disable=g-import-not-at-top
+    from cskd_tf import distributed  # pylint: disable=g-import-not-at-top
+
+    (model, context), (run_checkpoint, callbacks) = built, callbacks
+    strategy = model.distribute_strategy
+    chief = distributed.is_chief(strategy)
+    epochs, steps_per_epoch = config["epochs"], data.steps_per_epoch
+    first_epoch, first_step = (state["epoch"], state["step"]) if state else (0, 0)
+    if verbose is None:
+        verbose = 1 if sys.stdout.isatty() else 2
+    start = time.time()
+    # The validation split is scored by the EvaluationCallback (one pass for every
+    # metric), not by Keras' own validation loop. An epoch interrupted midway is
+    # finished first, on its own, then the remaining epochs.
+    parts = [(first_epoch, first_epoch + 1, first_step)] if first_step else []
+    parts.append((first_epoch + bool(first_step), epochs, 0))
+    for begin, end, skip in parts:
+        if begin >= end or run_checkpoint.diverged_at is not None:
+            continue
+        batches = _training_batches(config, method, data, context, range(begin, end), skip)
+        if distributed.is_multi_worker(strategy):  # Keras 3.15's fit fails there (#20585).
+            distributed.fit_multi_worker(
+                model,
+                batches,
+                end,
+                callbacks,
+                verbose if chief else 0,
+                initial_epoch=begin,
+                steps_per_epoch=steps_per_epoch - skip,
             )
-            raise FloatingPointError(
-                f"The training loss became NaN or infinite at step {step} (epoch "
-                f"{(step - 1) // steps_per_epoch + 1}); {kept} (lower --lr or check the data)."
+        else:
+            model.fit(
+                batches,
+                epochs=end,
+                initial_epoch=begin,
+                steps_per_epoch=steps_per_epoch - skip,
+                shuffle=False,
+                callbacks=callbacks,
+                verbose=verbose,
             )
-        history = {k: [epoch.get(k) for epoch in run_checkpoint.history]
-                   for k in run_checkpoint.history[-1]}  # fmt: skip
-        if not chief:  # Another worker: trained in step with the chief, writes nothing.
-            return dict(history=history, metrics=None, workdir=None, model=model, resumed=None)
+    train_seconds = time.time() - start
+    checkpoints = os.path.join(config["workdir"], "checkpoints")
+    if chief and first_epoch >= epochs:  # Killed between the last epoch's two saves.
+        checkpointing.atomic_save_model(model, os.path.join(checkpoints, "last.keras"))
+    if run_checkpoint.diverged_at is not None:
+        step, good = run_checkpoint.diverged_at, run_checkpoint.store.read_state()
+        kept = (
+            f"the last good checkpoint (step {good['global_step']}) is in {checkpoints}"
+            if good
+            else "no checkpoint had been saved yet"
+        )
+        raise FloatingPointError(
+            f"The training loss became NaN or infinite at step {step} (epoch "
+            f"{(step - 1) // steps_per_epoch + 1}); {kept} (lower --lr or check the data)."
+        )
+    history = {k: [epoch.get(k) for epoch in run_checkpoint.history]
+               for k in run_checkpoint.history[-1]}  # fmt: skip
+    return history, train_seconds
 
-        # --- Evaluate --------------------------------------------------------------
-        # Last-epoch figures on the test split, as REFERENCE.md asks: nothing here
-        # is selected on the test set.
-        predictor = callbacks_lib.Predictor(model)
 
-        def score(dataset):
-            out = predictor(dataset)
-            return metrics_lib.classification_metrics(
-                out.logits,
-                out.labels,
-                features=out.features,
-                groups=source.groups,
-                group_names=source.group_names,
-            )
+def _evaluate(config, data, model, train_seconds):
+    """Last-epoch metrics on the test split (and the validation split), as `metrics.json`.
 
-        results = score(test_ds)
-        if val_ds is not None:
-            results.update({f"val_{k}": v for k, v in score(val_ds).items()})
-        results.update(
-            epochs=epochs,
-            train_seconds=round(train_seconds, 2) if state is None else None,
-            train_examples=len(train),
-            method=method,
-            dataset=dataset,
-            backbone=backbone,
-            seed=seed,
+    Nothing here is selected on the test set (REFERENCE.md).
+    """
+    from cskd_tf import callbacks as callbacks_lib  # pylint: disable=g-import-not-at-top
+    from cskd_tf import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+
+    predictor = callbacks_lib.Predictor(model)
+    source = data.source
+
+    def score(dataset):
+        out = predictor(dataset)
+        return metrics_lib.classification_metrics(
+            out.logits,
+            out.labels,
+            features=out.features,
+            groups=source.groups,
+            group_names=source.group_names,
         )
 
-        # --- Save ------------------------------------------------------------------
-        # Written last, and atomically: its presence marks the run finished.
-        checkpointing.atomic_write_text(
-            os.path.join(workdir, "metrics.json"), json.dumps(results, indent=2, sort_keys=True)
-        )
-        resumed = state["global_step"] if state else None
-        return dict(history=history, metrics=results, workdir=workdir, model=model, resumed=resumed)
+    test_ds, val_ds = _eval_datasets(config, data)
+    results = score(test_ds)
+    if val_ds is not None:
+        results.update({f"val_{k}": v for k, v in score(val_ds).items()})
+    results.update(
+        epochs=config["epochs"],
+        train_seconds=None if train_seconds is None else round(train_seconds, 2),
+        train_examples=len(data.train),
+        method=config["method"],
+        dataset=config["dataset"],
+        backbone=config["backbone"],
+        seed=config["seed"],
+    )
+    return results
 
 
 def _check_labels(split, num_classes, name, dataset):
@@ -758,6 +766,9 @@ def _run_folder(workdir, resolved):
 def read_flagfile(path):
     """The flags of a run folder's `flags.txt` (or any flagfile), as `run`'s keyword arguments.
 
+    Every training flag, and the flags of the file's method (the defaults where the file
+    leaves them out).
+
     Raises:
       UserError: if the file is missing or holds an unknown flag.
     """
@@ -768,7 +779,7 @@ def read_flagfile(path):
         values(["train", f"--flagfile={path}"])
     except flags.Error as err:
         raise UserError(f"Cannot read {path}: {err}") from None
-    return {name: holder.value for name, holder in holders.items()}
+    return _own_flags({name: holder.value for name, holder in holders.items()})
 
 
 def _write_flagfile(path, values):
@@ -782,8 +793,7 @@ def _write_flagfile(path, values):
 
 def main(argv):
     cli_lib.no_arguments(argv)
-    values = {name: flag.value for name, flag in _FLAGS.items()}
-    result = run(**values)
+    result = run(**{name: flag.value for name, flag in _FLAGS.items()})
     if result["metrics"] is None:  # A worker of a multi-worker run: the chief reports.
         print("This worker is done; the chief wrote the run folder.")
         return

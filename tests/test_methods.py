@@ -10,6 +10,7 @@ from scipy import special
 
 from cskd_tf import backbones
 from cskd_tf import losses
+from cskd_tf import methods
 from cskd_tf import train
 from cskd_tf.data import mixup
 from cskd_tf.errors import UserError
@@ -322,7 +323,7 @@ def teacher_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", list(train.METHODS))
+@pytest.mark.parametrize("method", methods.names())
 def test_every_method_trains_one_epoch(method, teacher_run, tmp_path):
     result = train.run(
         dataset="digits",
@@ -330,7 +331,7 @@ def test_every_method_trains_one_epoch(method, teacher_run, tmp_path):
         method=method,
         epochs=1,
         batch_size=64,
-        teacher=teacher_run if train.METHODS[method].get("teacher") else None,
+        teacher=teacher_run if methods.get(method).teacher else None,
         workdir=str(tmp_path / method),
         verbose=0,
     )

@@ -11,6 +11,7 @@ from absl import flags
 
 from cskd_tf import backbones
 from cskd_tf import data
+from cskd_tf import methods
 from cskd_tf import paper
 from cskd_tf import train
 from cskd_tf.data import sources
@@ -71,7 +72,7 @@ def test_config_parses_and_its_header_is_the_papers(config):
     dataset, backbone, method = values["dataset"], values["backbone"], values["method"]
     assert dataset in sources.names() and dataset in DATASETS + TABLE5_DATASETS
     assert backbone in backbones.names()
-    assert method in train.METHODS
+    assert method in methods.names()
     assert config.name == f"{dataset}-{backbone}-{method}.flags"
     first, second = config.read_text(encoding="utf-8").splitlines()[:2]
     assert first.startswith("# Table") and first.endswith(".")
@@ -124,7 +125,7 @@ def test_generator_is_idempotent(tmp_path):
 def test_every_implemented_paper_cell_has_a_config():
     names = {c.name for c in CONFIGS}
     for dataset, backbone, method in {**paper.PAPER, **paper.COMPARISONS}:
-        if dataset in DATASETS + TABLE5_DATASETS and method in train.METHODS:
+        if dataset in DATASETS + TABLE5_DATASETS and method in methods.names():
             assert f"{dataset}-{backbone}-{method}.flags" in names
 
 

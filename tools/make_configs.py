@@ -15,7 +15,7 @@ import sys
 
 from absl import flags
 
-from cskd_tf import cli, paper, report, train
+from cskd_tf import cli, methods, paper, report, train
 from cskd_tf.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -175,7 +175,7 @@ def _numbers_text(numbers):
 
 def _hours_text(dataset, backbone, method):
     hours = _CE_HOURS[dataset] * _BACKBONE_COST[backbone] * _METHOD_COST.get(method, 1.0)
-    if train.METHODS[method].get("teacher"):
+    if methods.get(method).teacher:
         hours += _CE_HOURS[dataset] * _TEACHER_FORWARD
     hours = round(hours * 2) / 2 if hours < 10 else round(hours)
     return f"~{hours:g} h on one V100-class GPU"
@@ -205,9 +205,9 @@ def render():
     files = {}
     for (dataset, backbone, method), tables in found.items():
         base = bases[dataset]
-        needs = train.METHODS[method]
+        needs = methods.get(method)
         numbers = _numbers_text(paper.paper_numbers(dataset, backbone, method))
-        after = " after the teacher" if needs.get("teacher") else ""
+        after = " after the teacher" if needs.teacher else ""
         names = [BACKBONE_NAMES[backbone], report.dataset_name(dataset), METHOD_NAMES[method]]
         lines = [
             f"# {_tables_text(tables)}, {', '.join(names)}: {numbers}.",
@@ -216,7 +216,7 @@ def render():
                 f"{_hours_text(dataset, backbone, method)}{after} (an estimate, not measured)."
             ),
         ]
-        if needs.get("teacher"):
+        if needs.teacher:
             lines.append(
                 "# Train the teacher first: DenseNet-121 with CS-KD, configs/paper/"
                 f"{dataset}-densenet121-cskd.flags, which writes {teacher_run(dataset)}."
@@ -225,13 +225,13 @@ def render():
             lines.append(
                 "# --workdir is the folder that the KD cells of Table 4 read as their --teacher."
             )
-        if dataset == "cub" and needs.get("pairs") and needs.get("partner") != "self":
+        if dataset == "cub" and needs.batches.partner == "class":
             lines.append(
                 f"# lambda_cls = {base['lambda_cls']:g} comes from configs/cub.flags: the authors' "
                 "README trains CUB with --lamda 3; the paper only gives the grid {1, 2, 3, 4} "
                 "(section 3.1)."
             )
-        if dataset == "imagenet" and needs.get("pairs"):
+        if dataset == "imagenet" and needs.batches.partner is not None:
             lines.append(
                 "# Table 5 gives neither T, lambda_cls nor the learning-rate schedule: "
                 f"T = {base['temperature']:g} and lambda_cls = {base['lambda_cls']:g} "
@@ -252,7 +252,7 @@ def render():
             lines.append(f"--method={method}")
         if backbone != base["backbone"]:
             lines.append(f"--backbone={backbone}")
-        if needs.get("teacher"):
+        if needs.teacher:
             lines.append(f"--teacher={teacher_run(dataset)}")
         if TEACHER in tables:
             lines.append(f"--workdir={teacher_run(dataset)}")

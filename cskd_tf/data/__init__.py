@@ -7,6 +7,7 @@ from cskd_tf.data.pairs import pair_dataset
 from cskd_tf.data.pairs import pair_indices
 from cskd_tf.data.pairs import split_dataset
 from cskd_tf.data.pairs import stream_pair_dataset
+from cskd_tf.data.pairs import training_dataset
 from cskd_tf.data.sources import DataSource
 from cskd_tf.data.sources import Split
 from cskd_tf.data.sources import StreamSplit

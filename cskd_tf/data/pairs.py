@@ -423,3 +423,36 @@ def split_dataset(split, batch_size, **kwargs):
     if hasattr(split, "make"):  # A stream.
         return example_dataset(split.make(), None, batch_size, kind=split.kind, **kwargs)
     return example_dataset(split.values, split.labels, batch_size, kind=split.kind, **kwargs)
+
+
+def training_dataset(split, batches, batch_size, seed, augmenter, epochs=None, skip=0):
+    """The training batches a method asks for (`cskd_tf.methods.Batches`), from `split`.
+
+    Args:
+      split: `sources.Split` (held in memory) or `sources.StreamSplit`.
+      batches: `cskd_tf.methods.Batches`. Single examples, same-class pairs or two views
+        of each image, with or without the clean view.
+      batch_size: int. Anchors per batch.
+      seed: int. Seed of every random choice.
+      augmenter: `cskd_tf.data.Augmenter`. Its `train` augments every view, its `eval`
+        makes the clean view.
+      epochs: range or None. As in `pair_dataset`.
+      skip: int. Batches of the first epoch to leave out (a resumed epoch).
+
+    Returns:
+      tf.data.Dataset: `(x, y)`, `((x, x_other), y)` or `((x, x_other, x_clean), y)`.
+    """
+    common = dict(seed=seed, augment=augmenter.train, epochs=epochs, skip=skip)
+    if batches.partner is None:
+        return split_dataset(split, batch_size, shuffle=True, **common)
+    if hasattr(split, "make"):  # A stream: partners from windows of the stream.
+        return stream_pair_dataset(split.make(), batch_size, kind=split.kind, **common)
+    return pair_dataset(
+        split.values,
+        split.labels,
+        batch_size,
+        kind=split.kind,
+        clean=augmenter.eval if batches.clean else None,
+        partner=batches.partner,
+        **common,
+    )

@@ -1,0 +1,45 @@
+"""`kd`: knowledge distillation from a fixed teacher (Hinton et al.), on single examples.
+
+Its flags are shared with `kd_cskd`.
+"""
+
+from cskd_tf.methods.base import Flag, Method, register
+
+FLAGS = {
+    "teacher": Flag(None, "the teacher, a run folder, an export folder or a .keras file.", "string"),
+    "kd_alpha": Flag(0.9, "weight of distillation (CE gets 1 - alpha).", bound="in [0, 1]"),
+    "kd_temperature": Flag(4.0, "distillation temperature.", bound="> 0"),
+}
+
+
+def build_kd(lambda_cls):
+    """A builder of `cskd_tf.CSKDModel` distilling `context.teacher`, CS-KD weighted by
+    `lambda_cls` (None: the `--lambda_cls` option)."""
+
+    def build(backbone, options, context):
+        from cskd_tf.model import CSKDModel  # pylint: disable=g-import-not-at-top
+
+        return CSKDModel(
+            backbone,
+            temperature=options["temperature"],
+            lambda_cls=options["lambda_cls"] if lambda_cls is None else lambda_cls,
+            teacher=context.teacher,
+            kd_alpha=options["kd_alpha"],
+            kd_temperature=options["kd_temperature"],
+        )
+
+    return build
+
+
+METHOD = register(
+    Method(
+        name="kd",
+        title="KD",
+        summary="distillation from `--teacher` (a run folder, export folder or `.keras` file): "
+        "`(1−α)·CE + α·T_kd²·KL(teacher ‖ student)`",
+        reference="Hinton et al., 2015 (Yun et al., CVPR 2020, Table 4).",
+        build=build_kd(lambda_cls=0.0),
+        flags=FLAGS,
+        teacher=True,
+    )
+)
