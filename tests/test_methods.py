@@ -341,7 +341,7 @@ def test_every_method_trains_one_epoch(method, teacher_run, tmp_path):
     assert ("kd_loss" in history) == method.startswith("kd")
     assert ("consistency_loss" in history) == (method == "ddgsd")
     assert ("aux_kd_loss" in history) == (method == "byot")
-    plain = ("ce", "label_smoothing", "max_entropy", "mixup", "adacos", "virtual_softmax")
+    plain = ("ce", "label_smoothing", "max_entropy", "mixup", "cutmix", "adacos", "virtual_softmax")
     assert ("ce_loss" in history) == (method not in plain)
     assert result["metrics"]["num_examples"] == 359
 

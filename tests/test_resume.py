@@ -27,13 +27,25 @@ FLAGS = (
 )
 
 
-def run_cli(workdir, crash=None):
+# PS-KD and DLB keep state from step to step (the table of last-epoch predictions, the previous
+# step's logits): 2 epochs of 23 steps of the MLP, a save every 5 steps.
+STATEFUL_FLAGS = (
+    "--dataset=digits",
+    "--backbone=mlp",
+    "--epochs=2",
+    "--batch_size=64",
+    "--save_every_steps=5",
+    "--deterministic",
+)
+
+
+def run_cli(workdir, crash=None, flags=FLAGS):
     env = {k: v for k, v in os.environ.items() if k != checkpointing.CRASH_ENV}
     env.update(CI="true", TF_CPP_MIN_LOG_LEVEL="2")
     if crash:
         env[checkpointing.CRASH_ENV] = crash
     return subprocess.run(
-        [sys.executable, "-m", "cskd_tf.train", *FLAGS, f"--workdir={workdir}"],
+        [sys.executable, "-m", "cskd_tf.train", *flags, f"--workdir={workdir}"],
         cwd=REPO,
         env=env,
         stdin=subprocess.DEVNULL,  # Headless: no terminal, stdin closed.
@@ -121,6 +133,42 @@ def test_a_finished_run_rerun_does_nothing_and_says_so(uninterrupted):
         done.stdout.strip() == f"{uninterrupted} is a finished run (metrics.json): nothing to do."
     )
     assert folder_digest(uninterrupted) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,state", [("ps_kd", "ps_kd_predictions"), ("dlb", "dlb_logits")])
+def test_a_stateful_method_killed_mid_epoch_resumes_to_the_uninterrupted_state(
+    method, state, tmp_path
+):
+    flags = (*STATEFUL_FLAGS, f"--method={method}")
+    reference = tmp_path / "uninterrupted"
+    done = run_cli(reference, flags=flags)
+    assert done.returncode == 0, done.stderr[-3000:]
+    workdir = tmp_path / "killed"
+    # Killed after step 8 (resumed from 5: the rest of epoch 0, then epoch 1 from a new
+    # pipeline, whose first batch repeats epoch 0's last one for DLB) and after step 30
+    # (resumed from 25, midway through epoch 1, whose steps read what epoch 0 and the steps
+    # before left in the state).
+    for crash, last_good in {"step:8": 5, "step:30": 25}.items():
+        done = run_cli(workdir, crash, flags)
+        assert done.returncode == -signal.SIGKILL, (crash, done.stderr[-3000:])
+        assert checkpointing.ResumeStore(workdir / "checkpoints").read_state()["global_step"] == (
+            last_good
+        )
+    done = run_cli(workdir, flags=flags)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # Bit-identical final weights, the method's state among them, and resume checkpoint.
+    ours, theirs = (saving.load_model(w / "checkpoints/last.keras") for w in (workdir, reference))
+    assert [w.path for w in ours.weights] == [w.path for w in theirs.weights]
+    assert any(w.path.endswith(state) and np.any(np.asarray(w)) for w in ours.weights)
+    for a, b in zip(ours.weights, theirs.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
+    resume = "checkpoints/resume/ckpt-000000046/state.weights.h5"
+    assert (reference / resume).read_bytes() == (workdir / resume).read_bytes()
+    ours, theirs = (json.loads((w / "metrics.json").read_text()) for w in (workdir, reference))
+    for key in ("top1_error", "ece", "nll", "recall_at_1"):
+        assert ours[key] == theirs[key]
 
 
 class _Boom(Exception):

@@ -10,6 +10,10 @@ Two modes, both yielding `((x, x_pair), y)` batches whose size counts anchors:
   ImageNet). Partners come from small same-class windows of the shuffled
   stream; memory is bounded by `num_classes * window` encoded images.
 
+`example_dataset` gives single examples (optionally with their index in the
+training set), and `previous_batch_dataset` DLB's batches: the previous step's
+examples under a second augmentation, then this step's.
+
 Every random choice of an epoch (anchor order, partners, each view's
 augmentation seed) is a stateless function of a key. By default each
 iteration of a dataset draws a new key, so iterating it again gives the next
@@ -354,6 +358,7 @@ def example_dataset(
     shuffle_buffer=10_000,
     epochs=None,
     skip=0,
+    indices=False,
 ):
     """Batches `(x, y)` of single examples: cross-entropy training and evaluation.
 
@@ -369,6 +374,9 @@ def example_dataset(
       shuffle: bool. Shuffle every epoch (training); False keeps the order.
       shuffle_buffer: int. Buffer size when `images` is a stream.
       epochs, skip: as in `pair_dataset`.
+      indices: bool. Batches `((x, index), y)` instead, `index` (int64) each example's
+        place in `images` (in a stream: in its fixed order, counted before the shuffle),
+        for state kept per training example (PS-KD).
     """
     read_one = reader(kind, augment)
     if isinstance(images, tf.data.Dataset):
@@ -376,14 +384,17 @@ def example_dataset(
 
         def stream_epoch(seeds, reshuffle, skip_batches):
             ds = stream
+            if indices:  # Numbered in the stream's fixed order, before the shuffle.
+                ds = ds.enumerate().map(lambda index, element: (*element, index))
             if shuffle:
                 ds = ds.shuffle(shuffle_buffer, seed=seeds[0], reshuffle_each_iteration=reshuffle)
             views = tf.data.Dataset.random(seed=seeds[1], rerandomize_each_iteration=reshuffle)
             ds = tf.data.Dataset.zip(ds, views).skip(skip_batches * batch_size)
 
             def read(element, view):
-                value, label = element
-                return read_one(value, _view_seeds(view, 1)[0]), tf.cast(label, tf.int64)
+                value, label = element[:2]
+                x = read_one(value, _view_seeds(view, 1)[0])
+                return ((x, element[2]) if indices else x), tf.cast(label, tf.int64)
 
             return ds.map(read, num_parallel_calls=AUTOTUNE).batch(batch_size)
 
@@ -404,12 +415,119 @@ def example_dataset(
         base = _draws(key, 1, [2])
 
         def read(value, label, index):
-            return read_one(value, tf.random.experimental.stateless_fold_in(base, index)), label
+            x = read_one(value, tf.random.experimental.stateless_fold_in(base, index))
+            return ((x, index) if indices else x), label
 
         ds = elements(key).skip(skip_batches * batch_size)
         return ds.map(read, num_parallel_calls=AUTOTUNE).batch(batch_size)
 
     return _epoch_keys(seed, epochs, skip).flat_map(epoch).prefetch(AUTOTUNE)
+
+
+def previous_batch_dataset(
+    images,
+    labels,
+    batch_size,
+    *,
+    seed=0,
+    kind="pixels",
+    augment=None,
+    epochs=None,
+    skip=0,
+):
+    """DLB's batches: the previous step's examples under a second augmentation, then this step's.
+
+    The batch of step `t` holds the rows of step `t - 1`'s examples, each under
+    its second view, followed by the rows of step `t`'s own examples under their
+    first view: `((x, position, previous), y)`, with `position` (int64) a row's
+    place in its own step's batch and `previous` (bool) true for the first kind.
+    This step's rows are exactly `example_dataset(..., shuffle=True)`'s batch (the
+    same order, the same augmentation); a sample's second view is another
+    stateless function of (seed, epoch, index). The previous examples of an
+    epoch's first step are the last batch of the epoch before, as the authors
+    carry the previous batch across epochs; the run's very first step (epoch 0,
+    batch 0) has none.
+
+    A batch thus holds up to `2 * batch_size` rows, and every component has that
+    many: a distribution strategy splits each batch into contiguous shares in
+    which the previous step's rows still come first.
+
+    Args:
+      images: array `[N, ...]` (see `pair_dataset`).
+      labels: int array `[N]`.
+      batch_size: int. Examples of one step (the previous step's come on top).
+      seed: int. Seeds the order and both views' augmentation.
+      kind: str. How to read one value (see `pair_dataset`).
+      augment: callable or None. As in `pair_dataset`.
+      epochs: range. The epochs, back to back: needed, for the first batch of an
+        epoch repeats the last batch of the epoch before.
+      skip: int. Batches of the range's first epoch left out (a resumed run).
+
+    Returns:
+      A `tf.data.Dataset`.
+
+    Reference: Shen et al., "Self-Distillation from the Last Mini-Batch for
+    Consistency Regularization", CVPR 2022, section 3.
+    """
+    if _check_epochs(epochs, skip) is None:
+        raise ValueError(
+            "previous_batch_dataset needs epochs=range(first, last): the first batch of an "
+            "epoch repeats the last batch of the epoch before."
+        )
+    labels = np.asarray(labels, np.int64)
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels.")
+    n = len(labels)
+    steps = -(-n // batch_size)
+    values = tf.constant(images)
+    labels_t = tf.constant(labels)
+    read_one = reader(kind, augment)
+    none = tf.constant(-1, tf.int64)
+
+    def batches(key):
+        """An epoch's examples by batch, `[steps, batch_size]`, -1 past the last one's end."""
+        order = tf.random.experimental.stateless_shuffle(  # As example_dataset's.
+            tf.range(n, dtype=tf.int64), _draws(key, 0, [2])
+        )
+        return tf.reshape(tf.concat([order, tf.fill([steps * batch_size - n], none)], 0),
+                          [steps, batch_size])  # fmt: skip
+
+    def epoch(key, skip_batches):
+        before = key - tf.constant([0, 1], tf.int64)  # The key of the epoch before.
+        current = batches(key)
+        tail = batches(before)[-1]
+        tail = tf.where(key[1] > 0, tail, tf.fill([batch_size], none))  # None before epoch 0.
+        previous = tf.concat([tail[None], current[:-1]], 0)
+        # The first view's base (example_dataset's), the second view's of this epoch's
+        # examples and of the epoch before's.
+        bases = tf.stack([_draws(key, 1, [2]), _draws(key, 2, [2]), _draws(before, 2, [2])])
+        step = tf.range(steps, dtype=tf.int64)
+        ds = tf.data.Dataset.from_tensor_slices((step, previous, current))
+        return ds.skip(skip_batches).map(lambda t, p, c: (t, p, c, bases))
+
+    def read(index, base, position, previous):
+        seed_ = tf.random.experimental.stateless_fold_in(base, index)
+        x = read_one(tf.gather(values, index), seed_)
+        return (x, position, previous), tf.gather(labels_t, index)
+
+    def rows(step, previous, current, bases):
+        previous = tf.boolean_mask(previous, previous >= 0)
+        current = tf.boolean_mask(current, current >= 0)
+        p, c = tf.size(previous), tf.size(current)
+        second = tf.where(step > 0, bases[1], bases[2])
+        elements = (
+            tf.concat([previous, current], 0),
+            tf.concat([tf.tile(second[None], [p, 1]), tf.tile(bases[0][None], [c, 1])], 0),
+            tf.concat([tf.range(p, dtype=tf.int64), tf.range(c, dtype=tf.int64)], 0),
+            tf.concat([tf.ones([p], tf.bool), tf.zeros([c], tf.bool)], 0),
+        )
+        ds = tf.data.Dataset.from_tensor_slices(elements).map(read, num_parallel_calls=AUTOTUNE)
+        return ds.batch(2 * batch_size)  # The step's one batch.
+
+    ds = _epoch_keys(seed, epochs, skip).flat_map(epoch)
+    # One inner dataset (one batch) per step: in order, a few steps read at once.
+    ds = ds.interleave(rows, cycle_length=2, num_parallel_calls=AUTOTUNE, deterministic=True)
+    return ds.prefetch(AUTOTUNE)
 
 
 def split_dataset(split, batch_size, **kwargs):
@@ -430,8 +548,9 @@ def training_dataset(split, batches, batch_size, seed, augmenter, epochs=None, s
 
     Args:
       split: `sources.Split` (held in memory) or `sources.StreamSplit`.
-      batches: `cskd_tf.methods.Batches`. Single examples, same-class pairs or two views
-        of each image, with or without the clean view.
+      batches: `cskd_tf.methods.Batches`. Single examples (with their indices, or after
+        the previous step's examples), same-class pairs or two views of each image, with
+        or without the clean view.
       batch_size: int. Anchors per batch.
       seed: int. Seed of every random choice.
       augmenter: `cskd_tf.data.Augmenter`. Its `train` augments every view, its `eval`
@@ -440,10 +559,27 @@ def training_dataset(split, batches, batch_size, seed, augmenter, epochs=None, s
       skip: int. Batches of the first epoch to leave out (a resumed epoch).
 
     Returns:
-      tf.data.Dataset: `(x, y)`, `((x, x_other), y)` or `((x, x_other, x_clean), y)`.
+      tf.data.Dataset: `(x, y)`, `((x, index), y)`, `((x, position, previous), y)`,
+      `((x, x_other), y)` or `((x, x_other, x_clean), y)`.
+
+    Raises:
+      UserError: for the previous step's examples from a stream, which cannot be read twice.
     """
     common = dict(seed=seed, augment=augmenter.train, epochs=epochs, skip=skip)
+    if batches.previous:
+        if hasattr(split, "make"):
+            from cskd_tf.errors import UserError  # pylint: disable=g-import-not-at-top
+
+            raise UserError(
+                "The previous step's examples (DLB) need random access to the training set, "
+                "which a streamed data set does not give."
+            )
+        return previous_batch_dataset(
+            split.values, split.labels, batch_size, kind=split.kind, **common
+        )
     if batches.partner is None:
+        if batches.indices:
+            common["indices"] = True
         return split_dataset(split, batch_size, shuffle=True, **common)
     if hasattr(split, "make"):  # A stream: partners from windows of the stream.
         return stream_pair_dataset(split.make(), batch_size, kind=split.kind, **common)

@@ -19,7 +19,8 @@ from cskd_tf.methods.base import names
 from cskd_tf.methods.base import readers
 from cskd_tf.methods.base import register
 
-# The registry, in the paper's row order (the baselines, then CS-KD and its combinations).
+# The registry, in the order of the tables: the baselines (the paper's, then those that came
+# after CS-KD), then CS-KD and its combinations.
 # pylint: disable=g-bad-import-order,wrong-import-position
 from cskd_tf.methods import ce  # noqa: E402,F401
 from cskd_tf.methods import adacos  # noqa: E402,F401
@@ -29,9 +30,15 @@ from cskd_tf.methods import label_smoothing  # noqa: E402,F401
 from cskd_tf.methods import ddgsd  # noqa: E402,F401
 from cskd_tf.methods import byot  # noqa: E402,F401
 from cskd_tf.methods import mixup  # noqa: E402,F401
+from cskd_tf.methods import cutmix  # noqa: E402,F401
 from cskd_tf.methods import kd  # noqa: E402,F401
+from cskd_tf.methods import tf_kd  # noqa: E402,F401
+from cskd_tf.methods import zipf_ls  # noqa: E402,F401
+from cskd_tf.methods import ps_kd  # noqa: E402,F401
+from cskd_tf.methods import dlb  # noqa: E402,F401
 from cskd_tf.methods import cskd  # noqa: E402,F401
 from cskd_tf.methods import cskd_e  # noqa: E402,F401
 from cskd_tf.methods import cskd_sam  # noqa: E402,F401
 from cskd_tf.methods import mixup_cskd  # noqa: E402,F401
+from cskd_tf.methods import cutmix_cskd  # noqa: E402,F401
 from cskd_tf.methods import kd_cskd  # noqa: E402,F401

@@ -65,16 +65,29 @@ class Batches:
         (a second augmentation of the same image, `((x_a, x_b), y)`).
       clean: bool. Adds the anchor through the evaluation preprocessing,
         `((x, x_pair, x_clean), y)` (CS-KD-E).
+      indices: bool. Single examples with their index in the training set,
+        `((x, index), y)`, for state kept per training example (PS-KD).
+      previous: bool. Each batch is the previous step's batch under a second
+        augmentation followed by this step's, `((x, position, previous), y)`:
+        `position` is a row's place in its own step's batch and `previous` marks
+        the rows of the previous step, which come first (DLB; the first batch of a
+        run has none).
     """
 
     partner: str | None = None
     clean: bool = False
+    indices: bool = False
+    previous: bool = False
 
     def __post_init__(self):
         if self.partner not in PARTNERS:
             raise ValueError(f"Batches.partner must be one of {PARTNERS}, got {self.partner!r}.")
         if self.clean and self.partner is None:
             raise ValueError("Batches.clean needs a partner.")
+        if (self.indices or self.previous) and self.partner is not None:
+            raise ValueError("Batches.indices and Batches.previous are for single examples.")
+        if self.indices and self.previous:
+            raise ValueError("Batches.indices and Batches.previous do not combine.")
 
 
 @dataclasses.dataclass(frozen=True)
