@@ -9,7 +9,7 @@ METHOD = register(
         title="KD + CS-KD",
         summary="KD as `kd`, plus CS-KD's class-wise term (paper Table 4)",
         reference="Yun et al., CVPR 2020, section 3.2, Table 4.",
-        build=kd.build_kd(lambda_cls=None),
+        build=kd.build_kd(cskd=True),
         batches=Batches(partner="class"),
         flags={**cskd.FLAGS, **kd.FLAGS},
         teacher=True,
