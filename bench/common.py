@@ -138,8 +138,10 @@ def _cpuinfo():
     flags = set(fields.get("flags", "").split())
     return dict(
         cpu_model=fields.get("model name") or platform.processor() or platform.machine(),
-        # What oneDNN and XLA's CPU kernels can use: it decides their speed.
-        cpu_vector_extensions=sorted(flags & {"avx", "avx2", "fma", "avx512f", "avx512_bf16"}),
+        # What oneDNN and XLA's CPU kernels can use: it decides their speed (AMX: bfloat16's).
+        cpu_vector_extensions=sorted(
+            flags & {"avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"}
+        ),
     )
 
 

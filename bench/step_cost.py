@@ -12,6 +12,12 @@ with the partner half's logits stop-gradient'ed, back-propagates through twice
 the batch (the partner rows receive zero gradients, but the convolutions still
 process them): about 2x. Both are timed here beside plain cross-entropy.
 
+Two more contenders price choices of the package: the same CS-KD step with
+Keras' own `BatchNormalization` in place of every `TorchBatchNormalization`
+(PyTorch's moving-variance update, the package's default), and the CS-KD step
+under the `mixed_bfloat16` policy, built as `cskd_tf.train` builds it with
+`--mixed_precision=mixed_bfloat16`.
+
 Each contender is Keras' own compiled train function (`model.train_function`,
 what `fit` runs per step), called on one batch already in memory, so neither
 Python data handling nor tf.data is in the time.
@@ -34,11 +40,31 @@ import tensorflow as tf
 from bench import common
 from cskd_tf import backbones
 from cskd_tf import losses
+from cskd_tf import train as train_lib
+from cskd_tf.backbones.layers import TorchBatchNormalization
 from cskd_tf.model import CSKDModel
 from cskd_tf.optim import CoupledWeightDecaySGD
 
 TARGET_RATIO = 1.35
-VARIANTS = ("ce", "cskd", "concat_2b")
+VARIANTS = ("ce", "cskd", "concat_2b", "cskd_keras_bn", "cskd_bf16")
+# The ratios reported, each under `ratio_<name>` in a row: name -> (numerator, denominator).
+# Taken only when both variants were timed.
+RATIOS = {
+    "cskd": ("cskd", "ce"),
+    "concat_2b": ("concat_2b", "ce"),
+    # Does PyTorch's moving-variance update cost anything? (The claim: no.)
+    "torch_bn_over_keras_bn": ("cskd", "cskd_keras_bn"),
+    # What bfloat16 buys on this CPU (> 1: bfloat16 is faster).
+    "float32_over_bfloat16": ("cskd", "cskd_bf16"),
+}
+RATIO_LABELS = {
+    "cskd": "cskd / ce",
+    "concat_2b": "concat_2b / ce",
+    "torch_bn_over_keras_bn": "torch BN / Keras BN",
+    "float32_over_bfloat16": "float32 / bf16",
+}
+# The policy of each variant's layers: `cskd_tf.train`'s --mixed_precision value.
+PRECISION = {"cskd_bf16": "mixed_bfloat16"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,19 +141,54 @@ def random_batch(case, seed=0):
     return x, x_pair, y
 
 
+def with_keras_batch_norm(backbone):
+    """A copy of `backbone` with Keras' `BatchNormalization` for every `TorchBatchNormalization`.
+
+    Each batch-norm is rebuilt from its own config (same momentum, epsilon,
+    initialisers, name) and every weight is copied, so the copy computes the
+    same outputs in inference and in training mode; only the update of the
+    moving variance differs (Keras' biased batch variance against PyTorch's
+    unbiased one).
+
+    Args:
+      backbone: keras.Model. A functional `cskd_tf.backbones` model.
+
+    Returns:
+      keras.Model. A new functional model sharing nothing with `backbone`.
+    """
+
+    def clone(layer):
+        if isinstance(layer, TorchBatchNormalization):
+            return keras.layers.BatchNormalization.from_config(layer.get_config())
+        return layer.__class__.from_config(layer.get_config())
+
+    copy = keras.models.clone_model(backbone, clone_function=clone, recursive=True)
+    copy.set_weights(backbone.get_weights())
+    return copy
+
+
 def build_model(variant, case, jit_compile, seed=0):
-    """A compiled model of one variant, with a freshly initialised backbone."""
-    keras.utils.set_random_seed(seed)
-    net = backbones.get(case.backbone, case.num_classes, case.input_shape)
-    if variant == "ce":
-        model = net
-    elif variant == "cskd":
-        model = CSKDModel(net)
-    elif variant == "concat_2b":
-        model = Concat2BModel(net)
-    else:
+    """A compiled model of one variant, with a freshly initialised backbone.
+
+    Built and compiled under the variant's dtype policy (float32 unless
+    `PRECISION` says otherwise) as `cskd_tf.train` does, which restores the
+    previous global policy afterwards.
+    """
+    if variant not in VARIANTS:
         raise ValueError(f"Unknown variant '{variant}'; expected one of {VARIANTS}.")
-    return _compiled(model, jit_compile)
+    keras.utils.set_random_seed(seed)
+    # pylint: disable-next=protected-access  # The trainer's own policy scope, not a copy.
+    with train_lib._dtype_policy(PRECISION.get(variant, "none")):
+        net = backbones.get(case.backbone, case.num_classes, case.input_shape)
+        if variant == "ce":
+            model = net
+        elif variant == "concat_2b":
+            model = Concat2BModel(net)
+        elif variant == "cskd_keras_bn":
+            model = CSKDModel(with_keras_batch_norm(net))
+        else:  # cskd, cskd_bf16
+            model = CSKDModel(net)
+        return _compiled(model, jit_compile)
 
 
 def compiled_step(model, data):
@@ -170,12 +231,13 @@ def _time_case(case, jit_compile, variants, repeats, warmup, seed):
         jit_compile=jit_compile,
         step_ms={v: common.summary(samples[v], scale=1e3) for v in variants},
     )
-    ce_ms = row["step_ms"]["ce"]
-    for variant in variants:
-        if variant != "ce":
-            estimates = common.ratios(row["step_ms"][variant]["samples"], ce_ms["samples"])
-            row[f"ratio_{variant}"] = estimates["of_medians"]
-            row[f"ratio_{variant}_estimates"] = estimates
+    for name, (numerator, denominator) in RATIOS.items():
+        if numerator in variants and denominator in variants:
+            estimates = common.ratios(
+                row["step_ms"][numerator]["samples"], row["step_ms"][denominator]["samples"]
+            )
+            row[f"ratio_{name}"] = estimates["of_medians"]
+            row[f"ratio_{name}_estimates"] = estimates
     if "cskd" in variants:
         row["target_ratio"] = TARGET_RATIO
         row["meets_target"] = row["ratio_cskd"] <= TARGET_RATIO
@@ -269,7 +331,9 @@ def run(
     Args:
       cases: list of Case, or None for `default_cases()`.
       jit_modes: sequence of bool. `jit_compile` values to time.
-      variants: sequence of str. From `VARIANTS`; `ce` is required (the denominator).
+      variants: sequence of str. From `VARIANTS`; `ce` is required (the denominator
+        of the target's ratio). A ratio of `RATIOS` is reported if both its
+        variants are timed.
       repeats: int. Timed rounds (one step of every variant per round).
       warmup: int. Untimed rounds after tracing.
       profile: bool. Also split the CS-KD step into its parts (`profile_case`).
@@ -279,8 +343,11 @@ def run(
       dict: `common.result` with one row per (case, jit mode), and `profile` rows if asked.
     """
     cases = default_cases() if cases is None else list(cases)
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"Unknown variants {unknown}; expected some of {VARIANTS}.")
     if "ce" not in variants:
-        raise ValueError("The variants must include 'ce': every ratio is taken over it.")
+        raise ValueError("The variants must include 'ce': the target's ratio is taken over it.")
     rows, profiles = [], []
     for case in cases:
         for jit_compile in jit_modes:
@@ -296,6 +363,8 @@ def run(
         warmup=warmup,
         seed=seed,
         target_ratio=TARGET_RATIO,
+        ratios={name: list(pair) for name, pair in RATIOS.items()},
+        precision={v: PRECISION.get(v, "float32") for v in variants},
     )
     extra = dict(profile=profiles) if profile else {}
     return common.result("step_cost", settings, rows, **extra)
@@ -304,16 +373,20 @@ def run(
 def format_tables(document):
     """The step times and ratios (and the profile, if any) as Markdown tables."""
     variants = document["settings"]["variants"]
+    ratios = [n for n in RATIOS if any(f"ratio_{n}" in r for r in document["rows"])]
     headers = ["backbone", "batch", "XLA"] + [f"{v} ms" for v in variants]
-    headers += [f"{v} / ce" for v in variants if v != "ce"] + ["target met"]
+    headers += [RATIO_LABELS[n] for n in ratios] + ["target met"]
     rows = []
     for r in document["rows"]:
         row = [f"{r['backbone']} @{r['input_shape'][0]}", r["batch_size"], _on(r["jit_compile"])]
         row += [f"{r['step_ms'][v]['median']:.1f}" for v in variants]
         row += [
-            f"{r[f'ratio_{v}']:.3f} ({r[f'ratio_{v}_estimates']['of_minima']:.3f})"
-            for v in variants
-            if v != "ce"
+            (
+                f"{r[f'ratio_{n}']:.3f} ({r[f'ratio_{n}_estimates']['of_minima']:.3f})"
+                if f"ratio_{n}" in r
+                else "-"
+            )
+            for n in ratios
         ]
         row.append(
             f"{'yes' if r['meets_target'] else 'NO'} (<= {r['target_ratio']})"
@@ -323,6 +396,13 @@ def format_tables(document):
         rows.append(row)
     text = common.format_table(headers, rows)
     text += "Median ms per step; ratios of medians (of minima in brackets).\n"
+    notes = {
+        "torch_bn_over_keras_bn": "torch BN / Keras BN: the CS-KD step with "
+        "TorchBatchNormalization over the same step with keras.layers.BatchNormalization.",
+        "float32_over_bfloat16": "float32 / bf16: the CS-KD step over the same under "
+        "mixed_bfloat16 (> 1: bf16 is faster).",
+    }
+    text += "".join(f"{notes[n]}\n" for n in ratios if n in notes)
     if document.get("profile"):
         headers = [
             "backbone",
@@ -368,6 +448,11 @@ def main(argv=None):
     )
     parser.add_argument("--warmup", type=int, default=1, help="Untimed rounds after tracing.")
     parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="Comma-separated contenders to time (ce is required).",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="Also time the parts of the CS-KD step."
     )
     args = parser.parse_args(argv)
@@ -375,6 +460,7 @@ def main(argv=None):
     document = run(
         cases=default_cases(args.batch_size_32, args.batch_size_224),
         jit_modes=jit_modes,
+        variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
         repeats=args.repeats,
         warmup=args.warmup,
         profile=args.profile,

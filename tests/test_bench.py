@@ -26,6 +26,7 @@ from bench import pipeline
 from bench import step_cost
 from cskd_tf import backbones
 from cskd_tf import metrics
+from cskd_tf.backbones.layers import TorchBatchNormalization
 from cskd_tf.model import CSKDModel
 
 
@@ -122,6 +123,21 @@ def test_step_cost_structure_and_profile():
         row["step_ms"]["ce"]["min"],
     )
     assert row["meets_target"] == (row["ratio_cskd"] <= step_cost.TARGET_RATIO)
+    # The two choices of the package, each priced against the CS-KD step.
+    assert_positive_ratio(
+        row["ratio_torch_bn_over_keras_bn"],
+        row["step_ms"]["cskd"]["median"],
+        row["step_ms"]["cskd_keras_bn"]["median"],
+    )
+    assert_positive_ratio(
+        row["ratio_float32_over_bfloat16"],
+        row["step_ms"]["cskd"]["median"],
+        row["step_ms"]["cskd_bf16"]["median"],
+    )
+    for name in step_cost.RATIOS:
+        assert row[f"ratio_{name}_estimates"]["of_medians"] == row[f"ratio_{name}"]
+    assert document["settings"]["precision"]["cskd_bf16"] == "mixed_bfloat16"
+    assert document["settings"]["precision"]["cskd"] == "float32"
 
     (profile,) = document["profile"]
     for part in ("ce_step", "cskd_step", "partner_forward", "anchor_forward_backward"):
@@ -133,6 +149,21 @@ def test_step_cost_structure_and_profile():
     )
     table = step_cost.format_tables(document)
     assert "small_convnet @8" in table and "Profile" in table
+    assert "torch BN / Keras BN" in table and "float32 / bf16" in table
+
+
+def test_step_cost_reports_only_the_ratios_of_the_variants_timed():
+    document = step_cost.run(
+        cases=[TINY], jit_modes=(False,), variants=("ce", "cskd_keras_bn"), repeats=1, warmup=0
+    )
+    (row,) = document["rows"]
+    assert set(row["step_ms"]) == {"ce", "cskd_keras_bn"}
+    assert not [key for key in row if key.startswith("ratio_")]
+    assert "meets_target" not in row
+    table = step_cost.format_tables(document)
+    assert "cskd_keras_bn ms" in table and "torch BN" not in table
+    with pytest.raises(ValueError, match="Unknown variants"):
+        step_cost.run(cases=[TINY], variants=("ce", "cskd_fp8"))
 
 
 @pytest.mark.slow
@@ -158,6 +189,103 @@ def test_concatenated_variant_minimises_the_cskd_objective():
         assert logs["concat_2b"][key] == pytest.approx(logs["cskd"][key], rel=1e-5)
     for a, b in zip(logs["cskd"]["weights"], logs["concat_2b"]["weights"]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def batch_norm_pairs(torch_model, keras_model):
+    """The batch-norm layers of a model and of its `with_keras_batch_norm` copy, by name."""
+    torch_bns = [l for l in torch_model.layers if isinstance(l, TorchBatchNormalization)]
+    keras_bns = {l.name: l for l in keras_model.layers}
+    return [(l, keras_bns[l.name]) for l in torch_bns]
+
+
+def assert_unbiased_over_biased(torch_bn, keras_bn, passes, batch_size):
+    """The moving statistics after `passes` training passes of `batch_size`, from variance 1.
+
+    With momentum m, each pass keeps m of the moving variance and adds (1 - m) of the
+    batch's: after k passes it is m**k + (1 - m) * sum(m**(k-1-i) * variance_i), the
+    variances unbiased (times n / (n - 1), n = batch x height x width values per channel)
+    in TorchBatchNormalization and biased in Keras' layer. The moving means agree.
+    """
+    _, height, width, _ = torch_bn.output.shape
+    n = batch_size * height * width
+    carried = torch_bn.momentum**passes
+    torch_added = torch_bn.moving_variance.numpy() - carried
+    keras_added = keras_bn.moving_variance.numpy() - carried
+    np.testing.assert_allclose(torch_added, keras_added * n / (n - 1), rtol=1e-4)
+    assert np.all(np.abs(torch_added - keras_added) > 0)  # The one difference is real.
+    np.testing.assert_allclose(torch_bn.moving_mean, keras_bn.moving_mean, atol=1e-6)
+
+
+def test_keras_batch_norm_copy_differs_only_in_the_moving_variance():
+    keras.utils.set_random_seed(0)
+    net = backbones.get(TINY.backbone, TINY.num_classes, TINY.input_shape)
+    rng = np.random.default_rng(0)
+    for layer in net.layers:  # Non-trivial statistics and scales, so inference depends on them.
+        if isinstance(layer, TorchBatchNormalization):
+            gamma, beta, mean, variance = layer.get_weights()
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 2.0, gamma.shape),
+                    rng.normal(size=beta.shape),
+                    rng.normal(size=mean.shape),
+                    np.ones_like(variance),  # Moving variance 1, as initialised.
+                ]
+            )
+    copy = step_cost.with_keras_batch_norm(net)
+    pairs = batch_norm_pairs(net, copy)
+    assert len(pairs) == 3
+    for torch_bn, keras_bn in pairs:
+        assert type(keras_bn) is keras.layers.BatchNormalization
+        assert keras_bn.get_config() == torch_bn.get_config()
+    assert not any(isinstance(l, TorchBatchNormalization) for l in copy.layers)
+    assert [v.path for v in copy.weights] == [v.path for v in net.weights]
+    for a, b in zip(net.weights, copy.weights):
+        assert a is not b
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+    x, _, _ = step_cost.random_batch(TINY, seed=2)
+    np.testing.assert_allclose(copy(x, training=False), net(x, training=False), atol=1e-6)
+    np.testing.assert_allclose(copy(x, training=True), net(x, training=True), atol=1e-6)
+    for torch_bn, keras_bn in pairs:
+        assert_unbiased_over_biased(torch_bn, keras_bn, passes=1, batch_size=TINY.batch_size)
+
+
+def test_keras_batch_norm_contender_takes_the_same_cskd_step():
+    # The bench's own two contenders: the same start, loss, gradients and update.
+    x, x_pair, y = step_cost.random_batch(TINY, seed=1)
+    models = {
+        v: step_cost.build_model(v, TINY, jit_compile=False) for v in ("cskd", "cskd_keras_bn")
+    }
+    for a, b in zip(models["cskd"].weights, models["cskd_keras_bn"].weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    logs = {v: m.train_on_batch((x, x_pair), y, return_dict=True) for v, m in models.items()}
+    for key in ("loss", "ce_loss", "cls_loss", "accuracy"):
+        assert logs["cskd_keras_bn"][key] == pytest.approx(logs["cskd"][key], rel=1e-5)
+    torch_model, keras_model = models["cskd"], models["cskd_keras_bn"]
+    for a, b in zip(torch_model.trainable_weights, keras_model.trainable_weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+    # Two training-mode passes per CS-KD step (anchors, then partners) update the statistics.
+    for torch_bn, keras_bn in batch_norm_pairs(torch_model.backbone, keras_model.backbone):
+        assert_unbiased_over_biased(torch_bn, keras_bn, passes=2, batch_size=TINY.batch_size)
+
+
+def test_bfloat16_contender_is_built_as_the_trainer_builds_it():
+    bf16 = step_cost.build_model("cskd_bf16", TINY, jit_compile=False)
+    assert keras.config.dtype_policy().name == "float32"  # The trainer's scope restored it.
+    fp32 = step_cost.build_model("cskd", TINY, jit_compile=False)
+    for name in ("conv1", "bn1", "relu3"):
+        layer = bf16.backbone.get_layer(name)
+        assert (layer.compute_dtype, layer.variable_dtype) == ("bfloat16", "float32")
+        assert fp32.backbone.get_layer(name).compute_dtype == "float32"
+    assert bf16.backbone.get_layer("logits").compute_dtype == "float32"
+    # The same function at bfloat16's precision (8 significant bits): same weights, close logits.
+    bf16.set_weights(fp32.get_weights())
+    x, x_pair, y = step_cost.random_batch(TINY, seed=3)
+    logits = bf16(x, training=False)
+    assert logits.dtype == tf.float32
+    np.testing.assert_allclose(logits, fp32(x, training=False), atol=0.05)
+    logs = bf16.train_on_batch((x, x_pair), y, return_dict=True)
+    assert all(math.isfinite(logs[k]) for k in ("loss", "ce_loss", "cls_loss"))
 
 
 # --- pipeline -------------------------------------------------------------------
