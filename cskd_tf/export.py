@@ -728,3 +728,94 @@ def predict_saved_model(export_dir, split, batch_size=256):
             labels.append(y.numpy())
     logits = np.concatenate(logits) / temperature
     return callbacks.Predictions(logits, np.concatenate(feats), np.concatenate(labels))
+
+
+# --- The command line (tools/export.py, cskd-export) ------------------------------------------
+
+_FLAGS = {}
+
+
+def define_flags(flag_values=None):
+    """Defines `cskd-export`'s flags on `flag_values` (absl's global ones by default)."""
+    from absl import flags  # pylint: disable=g-import-not-at-top
+
+    fv = dict(flag_values=flag_values or flags.FLAGS)
+    return dict(
+        workdir=flags.DEFINE_string(
+            "workdir", None, "Run folder of cskd_tf.train.", required=True, **fv
+        ),
+        export_dir=flags.DEFINE_string(
+            "export_dir", None, "New export folder; unset: WORKDIR/export.", **fv
+        ),
+        checkpoint=flags.DEFINE_enum(
+            "checkpoint",
+            "last",
+            ("last", "best"),
+            "Checkpoint to export (best needs --val_split).",
+            **fv,
+        ),
+        calibrate=flags.DEFINE_bool(
+            "calibrate",
+            False,
+            "Fit a temperature on the validation split (temperature scaling).",
+            **fv,
+        ),
+        format=flags.DEFINE_list(
+            "format",
+            [],
+            "Also convert serve_pixels: tflite (model.tflite, builtin ops), onnx (model.onnx, "
+            "needs tf2onnx and onnxruntime) or tflite,onnx; each is checked against the "
+            "SavedModel.",
+            **fv,
+        ),
+        version=flags.DEFINE_integer(
+            "version",
+            None,
+            "Write into EXPORT_DIR/VERSION/ (TF Serving's numbered version folder).",
+            **fv,
+        ),
+    )
+
+
+def main(argv):
+    """Exports `--workdir` as the flags say and prints what was written."""
+    from absl import logging  # pylint: disable=g-import-not-at-top
+
+    from cskd_tf import cli as cli_lib  # pylint: disable=g-import-not-at-top
+
+    cli_lib.no_arguments(argv)
+    logging.set_verbosity(logging.WARNING)  # TensorFlow logs every saved function at INFO.
+    values = {name: flag.value for name, flag in _FLAGS.items()}
+    workdir, version = values["workdir"], values["version"]
+    export_dir = values["export_dir"] or os.path.join(workdir, "export")
+    info = export(
+        workdir,
+        export_dir,
+        values["checkpoint"],
+        values["calibrate"],
+        formats=values["format"],
+        version=version,
+    )
+    folder = export_dir if version is None else os.path.join(export_dir, str(version))
+    print(f"Wrote {folder}: signatures {', '.join(info['signatures'])}.")
+    for converted in info["converted"].values():
+        print(
+            f"Converted {converted['signature']} to {os.path.join(folder, converted['file'])} "
+            f"({converted['converter']}): max |difference| from the SavedModel "
+            f"{converted['max_abs_diff_from_saved_model']:.1e}."
+        )
+    if info["calibration"]:
+        c = info["calibration"]
+        print(
+            f"Temperature {c['temperature']:.4f}: validation ECE {100 * c['val_ece_before']:.2f}% "
+            f"-> {100 * c['val_ece_after']:.2f}%, NLL {c['val_nll_before']:.4f} -> "
+            f"{c['val_nll_after']:.4f}."
+        )
+
+
+def cli():
+    """`cskd-export` and `tools/export.py`."""
+    from cskd_tf import cli as cli_lib  # pylint: disable=g-import-not-at-top
+
+    _FLAGS.update(define_flags())
+    cli_lib.run(main)

@@ -418,3 +418,61 @@ def write_report(
             raise UserError(f"Cannot write {output}: {err.strerror}.") from err
     changed = update_readme(readme, table) if readme else None
     return table, changed
+
+
+# --- The command line (tools/report.py, cskd-report) ------------------------------------------
+
+_FLAGS = {}
+
+
+def define_flags(flag_values=None):
+    """Defines `cskd-report`'s flags on `flag_values` (absl's global ones by default)."""
+    from absl import flags  # pylint: disable=g-import-not-at-top
+
+    fv = dict(flag_values=flag_values or flags.FLAGS)
+    return dict(
+        output=flags.DEFINE_string("output", None, "Also write the table to this file.", **fv),
+        metrics=flags.DEFINE_list(
+            "metrics",
+            list(METRICS),
+            "The metrics.json keys to tabulate, in column order: "
+            f"{', '.join(METRICS)} (each beside the paper's number), "
+            f"{', '.join(OTHER_METRICS)}, group_top1_error_<group>, "
+            "group_hierarchical_accuracy_<group>, any of these with val_ in front (the "
+            "validation split), or any other numeric key.",
+            **fv,
+        ),
+        readme=flags.DEFINE_string(
+            "readme",
+            None,
+            f"Replace the text between the lines {BEGIN_MARKER} and {END_MARKER} "
+            "of this file with the table.",
+            **fv,
+        ),
+    )
+
+
+def main(argv):
+    """Prints (and writes where the flags say) the table of the run folders in `argv`."""
+    import sys  # pylint: disable=g-import-not-at-top
+
+    if len(argv) < 2:
+        raise UserError("Give one or more run folders, e.g. cskd-report runs/")
+    values = {name: flag.value for name, flag in _FLAGS.items()}
+    table, changed = write_report(
+        argv[1:], output=values["output"], readme=values["readme"], metrics=values["metrics"]
+    )
+    print(table, end="")
+    if changed is not None:
+        print(
+            f"{values['readme']}: {'updated' if changed else 'already up to date'}.",
+            file=sys.stderr,
+        )
+
+
+def cli():
+    """`cskd-report` and `tools/report.py`."""
+    from cskd_tf import cli as cli_lib  # pylint: disable=g-import-not-at-top
+
+    _FLAGS.update(define_flags())
+    cli_lib.run(main)

@@ -132,3 +132,74 @@ def parse_ints(text, name):
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise UserError(f"--{name} must be integers separated by commas, got '{text}'.") from None
+
+
+# --- The command line (tools/sweep.py, cskd-sweep) --------------------------------------------
+
+_FLAGS = {}
+
+
+def define_flags(flag_values=None):
+    """Defines `cskd-sweep`'s flags on `flag_values` (absl's global ones by default)."""
+    from absl import flags  # pylint: disable=g-import-not-at-top
+
+    fv = dict(flag_values=flag_values or flags.FLAGS)
+    string = lambda *a: flags.DEFINE_string(*a, **fv)
+    return dict(
+        flagfile_base=string(
+            "flagfile_base", "configs/cifar100.flags", "Flagfile every cell starts from."
+        ),
+        root=string("root", "runs/table7", "Folder of the cells' run folders."),
+        temperatures=string(
+            "temperatures", ",".join(f"{t:g}" for t in paper.TABLE7_TEMPERATURES), "Values of T."
+        ),
+        lambdas=string(
+            "lambdas", ",".join(f"{v:g}" for v in paper.TABLE7_LAMBDAS), "Values of lambda_cls."
+        ),
+        seeds=string("seeds", "0", "Seeds, separated by commas."),
+        epochs=flags.DEFINE_integer(
+            "epochs", None, "Override the flagfile's epochs (a quick look).", **fv
+        ),
+        data_dir=string("data_dir", None, "Override the flagfile's --data_dir."),
+        dry_run=flags.DEFINE_bool(
+            "dry_run", False, "Print one training command per cell and stop.", **fv
+        ),
+        table_only=flags.DEFINE_bool(
+            "table_only", False, "Only print the table of finished cells.", **fv
+        ),
+    )
+
+
+def main(argv):
+    """Trains the grid's unfinished cells (or prints their commands) and prints the table."""
+    from cskd_tf import cli as cli_lib  # pylint: disable=g-import-not-at-top
+
+    cli_lib.no_arguments(argv)
+    v = {name: flag.value for name, flag in _FLAGS.items()}
+    grid = (
+        parse_floats(v["temperatures"], "temperatures"),
+        parse_floats(v["lambdas"], "lambdas"),
+        parse_ints(v["seeds"], "seeds"),
+    )
+    if v["dry_run"]:
+        extra = f" --data_dir={v['data_dir']}" if v["data_dir"] else ""
+        print("\n".join(c + extra for c in commands(v["flagfile_base"], v["root"], *grid)))
+        return
+    if not v["table_only"]:
+        overrides = {} if v["epochs"] is None else {"epochs": v["epochs"]}
+        if v["data_dir"]:
+            overrides["data_dir"] = v["data_dir"]
+        run(v["flagfile_base"], v["root"], *grid, **overrides)
+    text = table(v["root"], *grid)
+    if os.path.isdir(v["root"]):
+        with open(os.path.join(v["root"], "table.md"), "w") as f:
+            f.write(text)
+    print(text, end="")
+
+
+def cli():
+    """`cskd-sweep` and `tools/sweep.py`."""
+    from cskd_tf import cli as cli_lib  # pylint: disable=g-import-not-at-top
+
+    _FLAGS.update(define_flags())
+    cli_lib.run(main)
