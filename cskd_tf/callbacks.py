@@ -157,6 +157,8 @@ class EvaluationCallback(keras.callbacks.Callback):
         self._first = True
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.model.stop_training:  # Cut short (a stop signal, a divergence): not an epoch.
+            return
         # The first epoch of every `fit` is scored too (a resumed run starts late), for CSVLogger.
         first, self._first = getattr(self, "_first", True), False
         if logs is None or not (first or self.due(epoch)):
@@ -177,3 +179,17 @@ class EvaluationCallback(keras.callbacks.Callback):
         )
         results.pop("num_examples")
         logs.update({self.prefix + name: value for name, value in results.items()})
+
+
+class EpochTensorBoard(keras.callbacks.TensorBoard):
+    """Keras' `TensorBoard` callback, without the epochs that training stopped in midway.
+
+    An epoch cut short (a stop signal, a diverged loss sets `model.stop_training`
+    during it) is not logged: a run resumed from the middle of that epoch logs it
+    whole, once. Put it before callbacks that stop training in `on_epoch_end`,
+    whose epoch did end.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.model.stop_training:
+            super().on_epoch_end(epoch, logs)

@@ -7,10 +7,16 @@ custom loop around the model's own `train_step`, run by `strategy.run` on each
 global batch, so CS-KD trains on several machines exactly as `fit` trains on one
 (the test suite checks equal weights, two workers against one process). It
 drives the usual Keras callbacks; only the chief should be given callbacks that
-write files.
+write files. Given a `cskd_tf.checkpointing.StopRequest`, it all-reduces after
+every step which stop signals the workers received, so that a signal sent to
+one worker stops every worker after the same step.
+
+When a worker dies, the others' next collective fails; `lost_peer` reads which
+task TensorFlow's error names.
 """
 
 import os
+import re
 
 import keras
 import tensorflow as tf
@@ -89,8 +95,54 @@ def is_chief(strategy):
     return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in cluster
 
 
+# TensorFlow names the tasks whose heartbeats stopped after this phrase, one a line.
+_UNHEALTHY = re.compile(r"unhealthy \(stopped sending heartbeats\):\s*((?:/job:[^\s]+\s*)+)")
+_TASK = re.compile(r"/job:[A-Za-z_]+(?:/replica:\d+)?/task:\d+")
+# The errors a collective raises when a peer is gone (or its connection is).
+PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError)
+
+
+def lost_peer(error, strategy=None):
+    """The task that a multi-worker collective's `error` says was lost.
+
+    Args:
+      error: Exception. What a collective (a training step, an input pipeline's
+        `next`) raised.
+      strategy: tf.distribute.Strategy or None. Its own task is never the lost one.
+
+    Returns:
+      str: the lost task's name (`/job:worker/replica:0/task:1`); `"a peer"` when
+      the error is one a lost peer causes but names no other task; None when it is
+      not such an error.
+    """
+    if not isinstance(error, PEER_ERRORS):
+        return None
+    text = str(error)
+    own = None
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is not None and resolver.task_type is not None:
+        own = f"/job:{resolver.task_type}/replica:0/task:{resolver.task_id}"
+    listed = _UNHEALTHY.search(text)
+    candidates = _TASK.findall(listed.group(1)) if listed else []
+    # Otherwise any task the error names but this one (the failed op's own device names it).
+    candidates = candidates or [t for t in _TASK.findall(text) if t != own]
+    for task in candidates:
+        if "/replica:" not in task:
+            task = task.replace("/task:", "/replica:0/task:")
+        if task != own:
+            return task
+    return "a peer"
+
+
 def fit_multi_worker(
-    model, dataset, epochs, callbacks=(), verbose=2, initial_epoch=0, steps_per_epoch=None
+    model,
+    dataset,
+    epochs,
+    callbacks=(),
+    verbose=2,
+    initial_epoch=0,
+    steps_per_epoch=None,
+    stop=None,
 ):
     """Trains `model` on `dataset` under its multi-worker strategy; returns the `History`.
 
@@ -109,6 +161,10 @@ def fit_multi_worker(
       initial_epoch: int. The epoch to start at (as in `fit`: `epochs` is the last one).
       steps_per_epoch: int or None. As in `fit`: None iterates `dataset` anew
         every epoch; an int takes that many batches per epoch from one pass over it.
+      stop: cskd_tf.checkpointing.StopRequest or None. After every step, the stop
+        signals every worker received are all-reduced into `stop.agreed` (the
+        first of `stop.signals` any worker received), before the callbacks see the
+        step: every worker's callbacks then decide on the same value.
 
     Returns:
       keras.callbacks.History.
@@ -126,6 +182,17 @@ def fit_multi_worker(
     @tf.function
     def step(batch):
         strategy.run(replica_step, args=(batch,))
+
+    def agree():
+        # One tiny all-reduce a step (as the distributed iterator's own): how many replicas'
+        # workers received each signal.
+        flags = tf.constant([float(stop.received == name) for name in stop.signals])
+        local = strategy.experimental_distribute_values_from_function(lambda _: flags)
+        counts = strategy.reduce(tf.distribute.ReduceOp.SUM, local, axis=None).numpy()
+        stop.agreed = next((n for n, c in zip(stop.signals, counts) if c > 0), None)
+
+    if stop is not None:
+        stop.collective, stop.agreed = True, None
 
     callback_list = keras.callbacks.CallbackList(
         list(callbacks),
@@ -151,6 +218,8 @@ def fit_multi_worker(
             step(batch)
             # Reading a metric all-reduces it over every replica of every worker.
             logs = {name: float(value) for name, value in model.get_metrics_result().items()}
+            if stop is not None:
+                agree()
             callback_list.on_train_batch_end(index, logs)
             if model.stop_training:
                 break

@@ -12,6 +12,8 @@ curves only: nothing is selected on them) go into the history and TensorBoard.
 
 Rerunning the same command with the same `--workdir` resumes an interrupted run
 from its last checkpoint (`cskd_tf.checkpointing`) and leaves a finished one as it is.
+SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 stop a run after its current step, saved there
+(exit status 3, `cskd_tf.cli`).
 """
 
 import contextlib
@@ -20,6 +22,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 from absl import flags
@@ -259,19 +262,27 @@ def run(verbose=None, **values):
         with open(os.path.join(workdir, "metrics.json")) as f:
             results = json.load(f)
         return dict(history=None, metrics=results, workdir=workdir, model=None, resumed="finished")
+    if chief:
+        _check_writable(workdir)  # Before the data set is loaded and the model built.
     store = checkpointing.ResumeStore(os.path.join(workdir, "checkpoints"))
     state = store.read_state() if folder == "resume" or not chief else None
     _seed(config)
 
-    data = _data(config, method)
-    model, context = _model(config, method, data, strategy)
-    if state is not None:
-        _restore(model, store, state, config, data)
-    run_checkpoint, callbacks = _callbacks(config, data, model, store, state, chief)
-
-    created = chief and folder == "new"
-    splits = [data.train, data.test, data.val]
-    with _on_failure(workdir if created else None, store, splits):
+    # From here on a stop signal stops the run after its current step, and what fails says
+    # so in one sentence (`_Guard`).
+    stop = checkpointing.StopRequest()
+    guard = _Guard(config, store, stop, strategy, new=chief and folder == "new")
+    with stop.installed(), guard:
+        data = _data(config, method)
+        guard.splits = [data.train, data.test, data.val]
+        model, context = _model(config, method, data, strategy)
+        if state is not None:
+            _restore(model, store, state, config, data)
+            print(_resuming(workdir, state, config["epochs"], data.steps_per_epoch))
+        if not distributed.is_multi_worker(strategy):  # There the workers agree on a step.
+            guard.stop_if_signalled(resumed=state is not None)
+        run_checkpoint, callbacks = _callbacks(config, data, model, store, state, chief, stop)
+        guard.run_checkpoint = run_checkpoint
         history, train_seconds = _fit(
             config, method, data, (model, context), (run_checkpoint, callbacks), state, verbose
         )
@@ -288,6 +299,16 @@ def run(verbose=None, **values):
         return dict(history=history, metrics=results, workdir=workdir, model=model, resumed=resumed)
 
 
+def _resuming(workdir, state, epochs, steps_per_epoch):
+    """The line a resumed run prints."""
+    if state["epoch"] >= epochs:
+        return f"Resuming {workdir} after its last epoch ({epochs}): evaluating."
+    return (
+        f"Resuming {workdir} at epoch {state['epoch'] + 1}, step {state['step']} of "
+        f"{steps_per_epoch}."
+    )
+
+
 def _resolve(values):
     """Checks the flags and fills in what they leave unset; returns `(config, method)`.
 
@@ -301,6 +322,13 @@ def _resolve(values):
     from cskd_tf.data import sources  # pylint: disable=g-import-not-at-top
 
     config = dict(values)
+    # An empty value is a value: refused, not taken for "unset".
+    for name, what in (("workdir", "a run folder"), ("data_dir", "a folder"),
+                       ("teacher", "a run folder, export folder or .keras file")):  # fmt: skip
+        _check(
+            config.get(name) != "",
+            f"--{name} is empty: name {what}, or leave the flag out.",
+        )
     dataset = config["dataset"] = sources.ALIASES.get(config["dataset"], config["dataset"])
     _check(
         dataset in sources.names(),
@@ -323,14 +351,14 @@ def _resolve(values):
     _check(0 <= ls <= 1, f"--label_smoothing must be in [0, 1], got {ls}.")
     _check(ew >= 0, f"--entropy_weight must be >= 0, got {ew}.")
     _check(
-        bool(config["teacher"]) == method.teacher,
+        (config["teacher"] is not None) == method.teacher,
         f"--method={method.name} needs --teacher (a run folder, export folder or .keras file)."
         if method.teacher
         else f"--teacher is only used by --method="
         + " or ".join(m for m in methods.names() if methods.get(m).teacher)
         + f", not {method.name}.",
     )
-    if config["teacher"]:
+    if config["teacher"] is not None:
         config["teacher"] = _teacher_file(config["teacher"])
     for name, bound, ok in [
         ("epochs", ">= 1", config["epochs"] >= 1),
@@ -348,9 +376,8 @@ def _resolve(values):
         f"Unknown --mixed_precision '{config['mixed_precision']}'. "
         f"Choose one of: {', '.join(PRECISIONS)}.",
     )
-    config["workdir"] = config["workdir"] or os.path.join(
-        "runs", f"{dataset}-{method.name}-s{config['seed']}"
-    )
+    if config["workdir"] is None:
+        config["workdir"] = os.path.join("runs", f"{dataset}-{method.name}-s{config['seed']}")
     return _own_flags(config), method
 
 
@@ -401,6 +428,7 @@ def _data(config, method):
     )
     for name, split in (("training", train), ("test", test), ("validation", val)):
         _check_labels(split, source.num_classes, name, dataset)
+    _warn_untested_classes(source, train, test)
     _check(
         not (streamed and method.batches.clean),
         f"--method={method.name} needs the clean view of each anchor, which the streamed "
@@ -520,10 +548,8 @@ def _restore(model, store, state, config, data):
             ) from None
 
 
-def _callbacks(config, data, model, store, state, chief):
+def _callbacks(config, data, model, store, state, chief, stop=None):
     """The resume checkpoint, the per-epoch evaluation and TensorBoard; makes the folder."""
-    import keras  # pylint: disable=g-import-not-at-top
-
     import cskd_tf  # pylint: disable=g-import-not-at-top
     from cskd_tf import callbacks as callbacks_lib  # pylint: disable=g-import-not-at-top
     from cskd_tf import checkpointing  # pylint: disable=g-import-not-at-top
@@ -546,23 +572,28 @@ def _callbacks(config, data, model, store, state, chief):
             version=cskd_tf.__version__,
         ),
         save=chief,
+        stop=stop,
     )
     callbacks = []
     if eval_every and chief:
         # Before the checkpoints and loggers, so that they see its metrics.
         monitored, prefix = (val_ds, "val_") if val_ds is not None else (test_ds, "test_")
         callbacks.append(callbacks_lib.EvaluationCallback(monitored, eval_every, prefix))
-    callbacks.append(run_checkpoint)
     if chief:
         # Everything is validated: only now does the run folder appear.
-        os.makedirs(checkpoints, exist_ok=True)
-        store.clean()  # What a killed save may have left.
         flags_path = os.path.join(workdir, "flags.txt")
+        try:
+            os.makedirs(checkpoints, exist_ok=True)
+            store.clean()  # What a killed save may have left.
+        except OSError as err:
+            raise checkpointing.WriteError(checkpoints, err) from err
         if not os.path.isfile(flags_path):
             _write_flagfile(flags_path, config)
-        callbacks.append(
-            keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard"), profile_batch=0)
-        )
+        # Before the checkpoint, which stops training at an epoch's end when a signal came:
+        # that epoch is complete and logged; one cut short by a stop is not.
+        tensorboard = os.path.join(workdir, "tensorboard")
+        callbacks.append(callbacks_lib.EpochTensorBoard(tensorboard, profile_batch=0))
+    callbacks.append(run_checkpoint)
     return run_checkpoint, callbacks
 
 
@@ -589,6 +620,7 @@ def _fit(config, method, data, built, callbacks, state, verbose):
     (model, context), (run_checkpoint, callbacks) = built, callbacks
     strategy = model.distribute_strategy
     chief = distributed.is_chief(strategy)
+    multi_worker = distributed.is_multi_worker(strategy)
     epochs, steps_per_epoch = config["epochs"], data.steps_per_epoch
     first_epoch, first_step = (state["epoch"], state["step"]) if state else (0, 0)
     if verbose is None:
@@ -600,10 +632,10 @@ def _fit(config, method, data, built, callbacks, state, verbose):
     parts = [(first_epoch, first_epoch + 1, first_step)] if first_step else []
     parts.append((first_epoch + bool(first_step), epochs, 0))
     for begin, end, skip in parts:
-        if begin >= end or run_checkpoint.diverged_at is not None:
+        if begin >= end or run_checkpoint.diverged_at is not None or run_checkpoint.stopped:
             continue
         batches = _training_batches(config, method, data, context, range(begin, end), skip)
-        if distributed.is_multi_worker(strategy):  # Keras 3.15's fit fails there (#20585).
+        if multi_worker:  # Keras 3.15's fit fails there (#20585).
             distributed.fit_multi_worker(
                 model,
                 batches,
@@ -612,6 +644,7 @@ def _fit(config, method, data, built, callbacks, state, verbose):
                 verbose if chief else 0,
                 initial_epoch=begin,
                 steps_per_epoch=steps_per_epoch - skip,
+                stop=run_checkpoint.stop,
             )
         else:
             model.fit(
@@ -637,6 +670,16 @@ def _fit(config, method, data, built, callbacks, state, verbose):
         raise FloatingPointError(
             f"The training loss became NaN or infinite at step {step} (epoch "
             f"{(step - 1) // steps_per_epoch + 1}); {kept} (lower --lr or check the data)."
+        )
+    if run_checkpoint.stopped:
+        where = run_checkpoint.stopped
+        signal = where["signal"] + (" (sent to another worker)" if where["elsewhere"] else "")
+        again = "restart every worker with the same command" if multi_worker else (
+            "rerun the same command"
+        )
+        raise cli_lib.Stopped(
+            f"stopped by {signal} at step {where['step']} of epoch {where['epoch'] + 1}; "
+            f"saved, {again} to resume."
         )
     history = {k: [epoch.get(k) for epoch in run_checkpoint.history]
                for k in run_checkpoint.history[-1]}  # fmt: skip
@@ -680,6 +723,28 @@ def _evaluate(config, data, model, train_seconds):
     return results
 
 
+def _warn_untested_classes(source, train, test):
+    """Prints one warning line naming the training classes that the test split lacks."""
+    train_labels, test_labels = getattr(train, "labels", None), getattr(test, "labels", None)
+    if train_labels is None or test_labels is None:  # Streamed: not known before reading.
+        return
+    missing = sorted(set(train_labels.tolist()) - set(test_labels.tolist()))
+    if not missing:
+        return
+    names = [
+        repr(source.class_names[c]) if c < len(source.class_names) else str(c) for c in missing
+    ]
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    kind = "class" if len(names) == 1 else "classes"
+    tested = source.num_classes - len(missing)
+    print(
+        f"warning: the test split of '{source.name}' has no images of the {kind} "
+        f"{', '.join(names[:5])}{more}: its test metrics are over the other {tested} of "
+        f"{source.num_classes} classes.",
+        file=sys.stderr,
+    )
+
+
 def _check_labels(split, num_classes, name, dataset):
     """Raises UserError if a split held in memory has labels outside [0, num_classes)."""
     labels = getattr(split, "labels", None)
@@ -693,34 +758,141 @@ def _check_labels(split, num_classes, name, dataset):
     )
 
 
-@contextlib.contextmanager
-def _on_failure(new_workdir, store, splits):
-    """Turns an undecodable image into a UserError naming it; removes a new run's folder if
-    training stops on a user error or divergence before its first checkpoint."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+def _check_writable(workdir):
+    """Raises UserError unless files can be made in the run folder (or, for a new one, in the
+    nearest folder above it that exists), and in its checkpoint folders."""
+    from cskd_tf import checkpointing  # pylint: disable=g-import-not-at-top
 
-    from cskd_tf.data import sources  # pylint: disable=g-import-not-at-top
-
-    try:
+    above = os.path.abspath(workdir)
+    while not os.path.isdir(above) and os.path.dirname(above) != above:
+        above = os.path.dirname(above)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    inside = [checkpoints, os.path.join(checkpoints, checkpointing.RESUME_DIR)]
+    for folder in [above, *filter(os.path.isdir, inside)]:
         try:
-            yield
-        except tf.errors.InvalidArgumentError as err:
-            if not any(word in str(err) for word in ("decode", "image", "JPEG", "PNG")):
-                raise  # Not a decoding failure: no need to scan the data.
-            bad = [f for split in splits if split is not None for f in sources.unreadable(split)]
-            if not bad:
-                raise
-            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            # A name that the next start's clean-up removes, should this process die here.
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".tmp-write-test-")
+            os.close(fd)
+            os.remove(probe)
+        except OSError as err:
+            where = "" if folder == os.path.abspath(workdir) else f" (in {folder})"
             raise UserError(
+                f"Cannot write to the run folder {workdir}{where}: {err.strerror or err}; pass "
+                f"another --workdir, or make it writable."
+            ) from None
+
+
+class _Guard:
+    """What stops a run, in one sentence: a stop signal, a file that cannot be written, a lost
+    worker, an undecodable image. A new run that stops before its first checkpoint leaves no
+    folder (whatever stopped it).
+
+    Set `splits` once the data is loaded (to name an undecodable image) and
+    `run_checkpoint` once training begins (to say where it stopped).
+    """
+
+    def __init__(self, config, store, stop, strategy, new):
+        self.workdir = config["workdir"]
+        self.store, self.stop, self.strategy = store, stop, strategy
+        # A folder that existed (empty) before the run is emptied, not removed.
+        self.new, self.existed = new, os.path.isdir(self.workdir)
+        self.splits, self.run_checkpoint = [], None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if error is None:
+            return False
+        converted = self._sentence(error)
+        if self.new and self.store.latest() is None:
+            self._remove_folder()
+        if converted is not None:
+            raise converted from error
+        return False
+
+    def stop_if_signalled(self, resumed):
+        """Raises `Stopped` if a stop signal came before training began: nothing to save."""
+        if self.stop.received is not None:
+            raise cli_lib.Stopped(
+                f"stopped by {self.stop.received} before training began; nothing was saved, "
+                f"rerun the same command to {'resume' if resumed else 'start'}."
+            )
+
+    def _kept(self):
+        state = self.store.read_state()
+        if state is None:
+            return "no checkpoint had been saved yet"
+        at = (
+            f"after epoch {state['epoch']}"
+            if state["step"] == 0
+            else f"at step {state['step']} of epoch {state['epoch'] + 1}"
+        )
+        return f"the last intact checkpoint is {self.store.latest()}, {at}"
+
+    def _where(self):
+        if self.run_checkpoint is None:
+            return "before training began"
+        done, steps = self.run_checkpoint.global_step, self.run_checkpoint.steps_per_epoch
+        if done == 0:
+            return "before its first step"
+        epoch = (done - 1) // steps
+        return f"after step {done - epoch * steps} of epoch {epoch + 1}"
+
+    def _sentence(self, error):
+        """The one-sentence exception that replaces `error`, or None to let it through."""
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+        from cskd_tf import checkpointing  # pylint: disable=g-import-not-at-top
+        from cskd_tf import distributed  # pylint: disable=g-import-not-at-top
+        from cskd_tf.data import sources  # pylint: disable=g-import-not-at-top
+
+        again = "rerun the same command"
+        if isinstance(error, KeyboardInterrupt):  # A second Ctrl-C: the handler raised it.
+            state = self.store.read_state()
+            done = self.run_checkpoint.global_step if self.run_checkpoint else None
+            unsaved = "" if state and state["global_step"] == done else ", unsaved"
+            return cli_lib.Stopped(
+                f"stopped at once by a second Ctrl-C {self._where()}{unsaved}; {self._kept()}: "
+                f"{again} to {'resume' if state else 'start again'}."
+            )
+        if isinstance(error, checkpointing.WriteError):
+            return cli_lib.Fault(
+                f"Cannot write {error.path}: {error.reason}; {self._kept()}: free space or fix "
+                f"the folder, then {again} to {'resume' if self.store.latest() else 'start'}."
+            )
+        task = distributed.lost_peer(error, self.strategy)
+        if task is not None and distributed.is_multi_worker(self.strategy):
+            return cli_lib.Fault(
+                f"Lost {task} of the multi-worker job {self._where()}; {self._kept()}: "
+                f"restart every worker with the same command."
+            )
+        if isinstance(error, tf.errors.InvalidArgumentError):
+            if not any(word in str(error) for word in ("decode", "image", "JPEG", "PNG")):
+                return None  # Not a decoding failure: no need to scan the data.
+            splits = [split for split in self.splits if split is not None]
+            bad = [f for split in splits for f in sources.unreadable(split)]
+            if not bad:
+                return None
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            return UserError(
                 f"Cannot decode the image {bad[0]}{more}: remove or replace it, then rerun the "
                 f"same command (an interrupted run resumes)."
-            ) from err
-    except (UserError, FloatingPointError):
-        if new_workdir is not None and store.latest() is None:
-            import shutil  # pylint: disable=g-import-not-at-top
+            )
+        return None
 
-            shutil.rmtree(new_workdir, ignore_errors=True)
-        raise
+    def _remove_folder(self):
+        import shutil  # pylint: disable=g-import-not-at-top
+
+        if not self.existed:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            return
+        for name in os.listdir(self.workdir) if os.path.isdir(self.workdir) else ():
+            path = os.path.join(self.workdir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
 
 
 # Flags that may change when a run resumes: where and how fast it runs, not what it computes.
@@ -783,12 +955,13 @@ def read_flagfile(path):
 
 
 def _write_flagfile(path, values):
+    from cskd_tf import checkpointing  # pylint: disable=g-import-not-at-top
+
     lines = [f"# Resolved flags of this run: python -m cskd_tf.train --flagfile={path}"]
     for name, value in values.items():
         if value is not None:
             lines.append(f"--{name}={value}")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    checkpointing.atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def main(argv):

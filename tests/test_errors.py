@@ -1,13 +1,19 @@
 """Every bad input: one `error:` line naming the problem, exit status 2 (1 for a diverged run),
 no traceback, and the run folder as it was (a new one never appears; a started one keeps its
-checkpoints byte for byte)."""
+checkpoints byte for byte). And the machine's faults: a run folder that cannot be written (exit 2,
+before the data is loaded), a disk that fills up during a save (exit 1, naming the file and the
+last intact checkpoint)."""
 
+import errno
 import hashlib
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
+from unittest import mock
 
 import h5py
 import numpy as np
@@ -15,6 +21,7 @@ import pytest
 import tensorflow as tf
 
 from cskd_tf import checkpointing
+from cskd_tf import cli
 from cskd_tf import data
 from cskd_tf import train
 from cskd_tf.data import sources
@@ -86,9 +93,18 @@ STARTED_CASES = {
     "missing flagfile": (["--flagfile={tmp}/none.flags"], "Unable to open flagfile"),
     "unknown data set": (["--dataset=imagenette"], "Unknown data set 'imagenette'"),
     "unknown backbone": (["--backbone=resnet9"], "Unknown backbone 'resnet9'"),
-    "unknown method": (["--method=cskd2"], "flag --method=cskd2: value should be one of <ce|cskd|"),
+    "unknown method": (["--method=cskd2"], "flag --method=cskd2: value should be one of <ce|"),
     "temperature 0": (["--temperature=0"], "--temperature must be > 0, got 0.0"),
     "negative temperature": (["--temperature=-4"], "--temperature must be > 0, got -4.0"),
+    # Beyond where the loss is exact in float32 (it trained a broken model and exited 0).
+    "temperature 1e9": (
+        ["--temperature=1e9"],
+        "--temperature must be <= 1000, got 1000000000.0: the distillation losses are checked "
+        "to be exact in float32 up to T = 1000 only",
+    ),
+    # Used or refused, never replaced by the paper's default (32 and 30 on digits).
+    "batch size 0": (["--batch_size=0"], "--batch_size must be >= 1, got 0."),
+    "epochs 0": (["--epochs=0"], "--epochs must be >= 1, got 0."),
     "negative lambda": (["--lambda_cls=-1"], "--lambda_cls must be >= 0, got -1.0"),
     "negative sample lambda": (["--lambda_sample=-0.5"], "--lambda_sample must be >= 0"),
     "val_split 1": (["--val_split=1"], "--val_split must be in [0, 1), got 1.0"),
@@ -230,3 +246,207 @@ def test_labels_outside_the_classes_are_refused_before_the_folder_appears(tmp_pa
         "The training split of 'digits' has labels from 0 to 10, outside the 10 classes [0, 9]."
     )
     assert not workdir.exists()
+
+
+# --- Explicit values are used or refused -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        (dict(batch_size=0), "--batch_size must be >= 1, got 0."),
+        (dict(epochs=0), "--epochs must be >= 1, got 0."),
+        (dict(workdir=""), "--workdir is empty: name a run folder, or leave the flag out."),
+        (dict(data_dir=""), "--data_dir is empty: name a folder, or leave the flag out."),
+        (dict(method="kd", teacher=""), "--teacher is empty: name a run folder, export folder"),
+        (dict(temperature=1000.5), "--temperature must be <= 1000, got 1000.5: the distillation"),
+        (dict(kd_temperature=2e3), "--kd_temperature must be <= 1000, got 2000.0: the"),
+        (dict(dlb_temperature=1e4), "--dlb_temperature must be <= 1000, got 10000.0: the"),
+        (dict(tf_kd_temperature=1e9), "--tf_kd_temperature must be <= 1000, got 1000000000.0"),
+    ],
+)
+def test_an_explicit_value_is_used_or_refused_never_replaced(values, message, tmp_path):
+    values = {"workdir": str(tmp_path / "run"), **values}
+    with pytest.raises(UserError) as err:
+        train.run(backbone="mlp", verbose=0, **values)
+    assert str(err.value).startswith(message), str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+STOPPED = "error: stopped by SIGTERM at step 8 of epoch 1; saved, rerun the same command to resume."
+
+
+@pytest.mark.parametrize("kind,status,line", [
+    ("stopped", cli.EXIT_STOPPED, STOPPED),
+    ("fault", 1, "error: Cannot write RUN/metrics.json: No space left on device; ..."),
+    ("ctrl-c", cli.EXIT_STOPPED, "error: interrupted by Ctrl-C."),
+])  # fmt: skip
+def test_each_way_to_stop_has_one_line_and_its_exit_status(kind, status, line):
+    script = (
+        "import sys\n"
+        "from cskd_tf import cli\n"
+        "def main(argv):\n"
+        "    kinds = {'stopped': cli.Stopped, 'fault': cli.Fault, 'ctrl-c': KeyboardInterrupt}\n"
+        f"    raise kinds[argv[1]]({line.removeprefix('error: ')!r})\n"
+        "cli.run(main)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, kind], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == status
+    assert done.stderr.strip().splitlines() == [line]
+    assert done.stdout == ""
+
+
+def test_a_class_without_test_images_is_named_in_one_warning_line(tmp_path, capsys):
+    tree = tmp_path / "tree"
+    write_tree(tree, {"a": 3, "b": 3, "c": 3})
+    shutil.rmtree(tree / "test/c")
+    result = train.run(
+        dataset="folder", data_dir=str(tree), backbone="mlp", epochs=1, batch_size=3,
+        eval_every=0, workdir=str(tmp_path / "run"), verbose=0,
+    )  # fmt: skip
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == [
+        "warning: the test split of 'folder' has no images of the class 'c': its test metrics "
+        "are over the other 2 of 3 classes."
+    ]
+    assert result["metrics"]["num_examples"] == 6
+
+
+# --- Faults of the machine ----------------------------------------------------------------------
+
+
+def _can_mount():
+    """Whether this machine lets an unprivileged user namespace mount a tmpfs."""
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            done = subprocess.run(
+                ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                 f"mount -t tmpfs -o size=64k tmpfs {folder}"],
+                capture_output=True, timeout=60,
+            )  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return False
+    return done.returncode == 0
+
+
+CAN_MOUNT = _can_mount()
+
+
+def run_on_tmpfs(mount, options, commands):
+    """Runs shell `commands` with a fresh tmpfs (mount `options`) on `mount`, in a user and mount
+    namespace of their own: the file system is gone when they end."""
+    env = {k: v for k, v in os.environ.items() if k != checkpointing.CRASH_ENV}
+    env.update(CI="true", TF_CPP_MIN_LOG_LEVEL="2")
+    script = f"mount -t tmpfs -o {options} tmpfs {mount} || exit 99\n{commands}"
+    done = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+        cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode != 99, done.stderr[-3000:]
+    return done
+
+
+def train_command(*args):
+    return " ".join([sys.executable, "-m", "cskd_tf.train", *DEMO, *args])
+
+
+@pytest.mark.slow
+def test_a_read_only_run_folder_is_refused_before_the_data_is_loaded(
+    started, tmp_path, monkeypatch
+):
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    fix = "pass another --workdir, or make it writable."
+    if not CAN_MOUNT:  # A writer that raises what a read-only file system does.
+        def read_only(*args, **kwargs):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+        monkeypatch.setattr(train.tempfile, "mkstemp", read_only)
+        monkeypatch.setattr(data, "load", mock.Mock(side_effect=AssertionError("data loaded")))
+        with pytest.raises(UserError) as err:
+            train.run(backbone="mlp", epochs=1, workdir=str(mount / "run"), verbose=0)
+        assert str(err.value) == (
+            f"Cannot write to the run folder {mount}/run (in {mount}): Read-only file system; {fix}"
+        )
+        return
+    # A new run on a read-only file system, and a started run whose file system became one.
+    done = run_on_tmpfs(mount, "ro,size=1m", train_command(f"--workdir={mount}/run"))
+    refused = f"Cannot write to the run folder {mount}/run (in {mount}): Read-only file system"
+    assert_one_error_line(done, f"{refused}; {fix}")
+    assert "Epoch" not in done.stdout
+    before = digest(started)
+    done = run_on_tmpfs(
+        mount, "size=4m",
+        f"cp -a {started} {mount}/run && mount -o remount,ro {mount} && "
+        + train_command("--save_every_steps=5", f"--workdir={mount}/run"),
+    )  # fmt: skip
+    assert_one_error_line(
+        done, f"error: Cannot write to the run folder {mount}/run: Read-only file system; {fix}"
+    )
+    assert "Resuming" not in done.stdout and digest(started) == before
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_save_names_the_file_and_the_last_intact_checkpoint(
+    tmp_path, monkeypatch
+):
+    mount, copy = tmp_path / "disk", tmp_path / "copy"
+    mount.mkdir()
+    if CAN_MOUNT:
+        # Room for the checkpoint of step 5 (~100 kB), not for a second one beside it.
+        done = run_on_tmpfs(
+            mount, "size=150k",
+            train_command("--save_every_steps=5", f"--workdir={mount}/run")
+            + f"; status=$?; cp -a {mount}/run {copy}; exit $status",
+        )  # fmt: skip
+        assert done.returncode == 1, done.stderr[-3000:]
+        assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
+        line = done.stderr.strip().splitlines()[-1]
+        run = f"{mount}/run"
+    else:  # A writer that raises what a full disk does, at the second save.
+        calls = []
+        write = checkpointing._write_weights
+
+        def fill_up(model, path):
+            calls.append(path)
+            if len(calls) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            write(model, path)
+
+        monkeypatch.setattr(checkpointing, "_write_weights", fill_up)
+        run = str(copy)
+        with pytest.raises(cli.Fault) as err:
+            train.run(backbone="mlp", epochs=2, batch_size=64, save_every_steps=5, workdir=run,
+                      verbose=0)  # fmt: skip
+        monkeypatch.undo()
+        line = f"error: {err.value}"
+    assert line == (
+        f"error: Cannot write {run}/checkpoints/resume/ckpt-000000010/state.weights.h5: No space "
+        f"left on device; the last intact checkpoint is {run}/checkpoints/resume/ckpt-000000005, "
+        f"at step 5 of epoch 1: free space or fix the folder, then rerun the same command to "
+        f"resume."
+    )
+    store = checkpointing.ResumeStore(copy / "checkpoints")
+    assert store.read_state()["global_step"] == 5
+    assert sorted(os.listdir(copy / "checkpoints/resume")) == ["ckpt-000000005", "latest"]
+    # With room again, the same command resumes from that checkpoint.
+    done = run_cli(*DEMO, "--save_every_steps=5", f"--workdir={copy}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"Resuming {copy} at epoch 1, step 5 of 23." in done.stdout
+
+
+def test_a_run_folder_without_write_permission_is_refused_in_one_sentence(tmp_path, monkeypatch):
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(train.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(data, "load", mock.Mock(side_effect=AssertionError("data loaded")))
+    with pytest.raises(UserError) as err:
+        train.run(backbone="mlp", epochs=1, workdir=str(tmp_path / "a/b/run"), verbose=0)
+    assert str(err.value) == (
+        f"Cannot write to the run folder {tmp_path}/a/b/run (in {tmp_path}): Permission denied; "
+        f"pass another --workdir, or make it writable."
+    )
+    assert not (tmp_path / "a").exists()

@@ -1,5 +1,6 @@
 """Interrupted runs: SIGKILL at chosen points, then the same command again, to the same weights."""
 
+import errno
 import hashlib
 import json
 import os
@@ -7,6 +8,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+from unittest import mock
 
 import keras
 import numpy as np
@@ -171,11 +173,10 @@ def test_a_stateful_method_killed_mid_epoch_resumes_to_the_uninterrupted_state(
         assert ours[key] == theirs[key]
 
 
-class _Boom(Exception):
-    pass
-
-
-def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fails", ["weights", "state"])
+def test_a_failed_save_names_the_file_and_keeps_the_previous_checkpoint(
+    fails, tmp_path, monkeypatch
+):
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse")
     store = checkpointing.ResumeStore(str(tmp_path))
@@ -183,18 +184,53 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     saved = [w.numpy().copy() for w in model.weights]
     model.layers[0].kernel.assign(model.layers[0].kernel + 1.0)
 
-    def fail(*args, **kwargs):
-        raise _Boom()
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if fails == "weights":
+        monkeypatch.setattr(checkpointing, "_write_weights", mock.Mock(side_effect=full))
+    else:  # The weights are written, then state.json is not.
+        real_open = open
 
-    monkeypatch.setattr(keras.Model, "save_weights", fail)
-    with pytest.raises(_Boom):
+        def open_(path, *args, **kwargs):
+            if str(path).endswith(checkpointing.STATE_FILE) and "w" in (args or ("r",))[0]:
+                raise full
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr("builtins.open", open_)
+    with pytest.raises(checkpointing.WriteError) as err:
         store.save(model, {"global_step": 2, "epoch": 0, "step": 2})
     monkeypatch.undo()
+    name = checkpointing.WEIGHTS_FILE if fails == "weights" else checkpointing.STATE_FILE
+    assert err.value.path == str(tmp_path / "resume" / "ckpt-000000002" / name)
+    assert err.value.errno == errno.ENOSPC and err.value.reason == "No space left on device"
     assert store.read_state()["global_step"] == 1
     assert sorted(os.listdir(tmp_path / "resume")) == ["ckpt-000000001", "latest"]
     assert store.restore(model)["global_step"] == 1
     for w, expected in zip(model.weights, saved):
         np.testing.assert_array_equal(w.numpy(), expected)
+
+
+def test_the_weights_made_in_memory_load_as_keras_own_file(tmp_path):
+    # ResumeStore writes the bytes of the .weights.h5 file itself (a full disk then fails with
+    # a plain OSError); they must load as what model.save_weights writes does.
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2), keras.layers.Dense(4)])
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse")
+    model.fit(np.ones((4, 3)), np.ones((4, 4)), verbose=0)  # Momentum that is not zero.
+    ours, theirs = tmp_path / "ours.weights.h5", tmp_path / "theirs.weights.h5"
+    assert checkpointing._weights_bytes(model) is not None
+    checkpointing._write_weights(model, str(ours))
+    model.save_weights(str(theirs))
+    values = []
+    for path in (ours, theirs):
+        copy = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2), keras.layers.Dense(4)])
+        copy.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse")
+        copy.optimizer.build(copy.trainable_variables)
+        copy.load_weights(str(path))
+        values.append([np.asarray(v) for v in copy.weights + copy.optimizer.variables])
+    assert len(values[0]) == len(values[1]) > 6
+    for a, b in zip(*values):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(values[0], [np.asarray(v) for v in model.weights + model.optimizer.variables]):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_clean_removes_what_a_killed_save_left(tmp_path):

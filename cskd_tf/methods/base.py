@@ -21,11 +21,24 @@ from cskd_tf.errors import UserError
 PARTNERS = (None, "class", "self")
 
 
+# The largest softening temperature: up to it `cskd_tf.losses` computes the KL terms exactly in
+# float32 (against float64, tests/test_losses.py); `losses.MAX_TEMPERATURE`, not imported here
+# because it loads TensorFlow.
+MAX_TEMPERATURE = 1000
+
 _BOUNDS = {
     "> 0": lambda v: v > 0,
     ">= 0": lambda v: v >= 0,
     "in [0, 1]": lambda v: 0 <= v <= 1,
+    f"<= {MAX_TEMPERATURE}": lambda v: v <= MAX_TEMPERATURE,
 }
+# Why a bound holds, where the bound alone does not say.
+_REASONS = {
+    f"<= {MAX_TEMPERATURE}": f"the distillation losses are checked to be exact in float32 up "
+    f"to T = {MAX_TEMPERATURE} only (the paper's temperatures go from 0.1 to 20)",
+}
+# A temperature's bounds, checked in this order.
+TEMPERATURE_BOUNDS = ("> 0", f"<= {MAX_TEMPERATURE}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,23 +49,35 @@ class Flag:
       default: The value when the flag is not given (None: the method decides).
       help: str. One sentence for `--help`.
       kind: str. `float`, `integer` or `string`.
-      bound: str or None. The values it takes, `"> 0"`, `">= 0"` or `"in [0, 1]"`; any
-        other value given is refused with one sentence, whatever the method.
+      bound: str, tuple of str or None. The values it takes, `"> 0"`, `">= 0"`, `"in [0,
+        1]"` or `"<= 1000"`, or several of them (`TEMPERATURE_BOUNDS`); any other value
+        given is refused with one sentence, whatever the method.
     """
 
     default: Any
     help: str
     kind: str = "float"
-    bound: str | None = None
+    bound: str | tuple | None = None
 
     def __post_init__(self):
-        if self.bound is not None and self.bound not in _BOUNDS:
-            raise ValueError(f"Flag.bound must be one of {list(_BOUNDS)}, got {self.bound!r}.")
+        for bound in self.bounds():
+            if bound not in _BOUNDS:
+                raise ValueError(f"Flag.bound must be one of {list(_BOUNDS)}, got {bound!r}.")
+
+    def bounds(self):
+        """The flag's bounds, as a tuple."""
+        if self.bound is None:
+            return ()
+        return (self.bound,) if isinstance(self.bound, str) else tuple(self.bound)
 
     def validate(self, name, value):
-        """Raises UserError if `value` (not None) is outside the flag's bound."""
-        if value is not None and self.bound and not _BOUNDS[self.bound](value):
-            raise UserError(f"--{name} must be {self.bound}, got {value}.")
+        """Raises UserError if `value` (not None) is outside one of the flag's bounds."""
+        if value is None:
+            return
+        for bound in self.bounds():
+            if not _BOUNDS[bound](value):
+                why = f": {_REASONS[bound]}" if bound in _REASONS else ""
+                raise UserError(f"--{name} must be {bound}, got {value}{why}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +215,7 @@ class Method:
 
 
 # The softening temperature, which several methods read.
-TEMPERATURE = Flag(4.0, "the softening temperature T.", bound="> 0")
+TEMPERATURE = Flag(4.0, "the softening temperature T.", bound=TEMPERATURE_BOUNDS)
 
 _REGISTRY: dict[str, Method] = {}
 _FLAGS: dict[str, Flag] = {}

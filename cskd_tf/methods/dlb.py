@@ -51,11 +51,11 @@ The paper's recipe differs from CS-KD's (weight decay 5e-4, Nesterov momentum, o
 milestones): see `configs/methods/cifar100-dlb.flags`.
 """
 
-from cskd_tf.methods.base import Batches, Flag, Method, register
+from cskd_tf.methods.base import TEMPERATURE_BOUNDS, Batches, Flag, Method, register
 
 FLAGS = {
     "dlb_temperature": Flag(3.0, "temperature T of DLB's distillation from the last batch.",
-                            bound="> 0"),  # fmt: skip
+                            bound=TEMPERATURE_BOUNDS),  # fmt: skip
     "dlb_alpha": Flag(1.0, "weight of DLB's distillation from the last batch.", bound=">= 0"),
 }
 

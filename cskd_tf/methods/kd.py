@@ -3,12 +3,14 @@
 Its flags are shared with `kd_cskd`.
 """
 
-from cskd_tf.methods.base import Flag, Method, register
+from cskd_tf.methods.base import TEMPERATURE_BOUNDS, Flag, Method, register
 
 FLAGS = {
     "teacher": Flag(None, "the teacher, a run folder, an export folder or a .keras file.", "string"),
     "kd_alpha": Flag(0.9, "weight of distillation (CE gets 1 - alpha).", bound="in [0, 1]"),
-    "kd_temperature": Flag(4.0, "distillation temperature.", bound="> 0"),
+    "kd_temperature": Flag(
+        4.0, "distillation temperature.", bound=TEMPERATURE_BOUNDS
+    ),
 }
 
 

@@ -42,14 +42,16 @@ method's).
 """
 
 from cskd_tf.errors import UserError
-from cskd_tf.methods.base import Flag, Method, register
+from cskd_tf.methods.base import TEMPERATURE_BOUNDS, Flag, Method, register
 
 FORMS = ("paper", "code")
 FLAGS = {
     "tf_kd_alpha": Flag(
         0.1, "weight alpha of the virtual teacher's KL (CE gets 1 - alpha).", bound="in [0, 1]"
     ),
-    "tf_kd_temperature": Flag(20.0, "temperature T that softens the virtual teacher.", bound="> 0"),
+    "tf_kd_temperature": Flag(
+        20.0, "temperature T that softens the virtual teacher.", bound=TEMPERATURE_BOUNDS
+    ),
     "tf_kd_correct_prob": Flag(
         0.99, "probability a the virtual teacher puts on the true class.", bound="in [0, 1]"
     ),
