@@ -154,6 +154,7 @@ def test_with_alpha_and_beta_zero_each_head_learns_from_the_labels_alone():
     assert float(terms["aux_kd_loss"]) > 0 and float(terms["aux_feature_loss"]) > 0
 
 
+@pytest.mark.slow
 def test_a_step_reports_the_loss_recomputed_from_the_outputs():
     x, y = batch()
     kwargs = {"temperature": 2.0, "alpha": 0.4, "beta": 0.1}
@@ -213,9 +214,65 @@ def test_kd_and_feature_terms_do_not_train_the_deepest_classifier():
         assert np.abs(grad.numpy()).max() > 0
 
 
+def written_out_loss(outputs, y, t, alpha, beta):
+    """BYOT's objective from the training model's outputs, in TensorFlow, without cskd_tf.losses:
+    `CE(q_C) + sum_i (1 - a) CE(q_i) + a T^2 KL(sg(p_C^T) || p_i^T) + b ||F_i - sg(F_C)||^2`."""
+    logits, features, *aux = outputs
+    aux_logits, aux_features = aux[: len(aux) // 2], aux[len(aux) // 2 :]
+    rows = tf.stack([tf.range(len(y)), tf.constant(y, tf.int32)], 1)
+
+    def ce(q):
+        return -tf.reduce_mean(tf.gather_nd(tf.nn.log_softmax(q), rows))
+
+    log_teacher = tf.nn.log_softmax(tf.stop_gradient(logits) / t)
+    loss = ce(logits)
+    for q, f in zip(aux_logits, aux_features):
+        kl = tf.reduce_sum(tf.exp(log_teacher) * (log_teacher - tf.nn.log_softmax(q / t)), -1)
+        squared = tf.reduce_sum(tf.square(f - tf.stop_gradient(features)), -1)
+        loss += (
+            (1 - alpha) * ce(q)
+            + alpha * t**2 * tf.reduce_mean(kl)
+            + beta * tf.reduce_mean(squared)
+        )
+    return loss
+
+
+def test_one_step_updates_every_weight_as_the_objective_written_out():
+    """One SGD step lands every weight (the auxiliary heads' too) on `w - lr * grad` of the
+    objective written out, and the batch-norm statistics on those of one training pass.
+
+    Mutant run: `Classifier.train_step` differentiating and updating
+    `self.backbone.trainable_weights` instead of `self.trainable_weights` (the auxiliary heads
+    never train; every test of test_model.py, test_ddgsd.py and test_heads.py and every other
+    fast test of this module passes with it): `assert_allclose(a.numpy(), b.numpy(), ...)`
+    fails at `aux1_conv1/kernel`, the first auxiliary weight.
+    """
+    x, y = batch()
+    kwargs = {"temperature": 2.0, "alpha": 0.4, "beta": 0.1}
+    model, reference = byot(**kwargs), byot(**kwargs)
+    start = {w.path: w.numpy().copy() for w in model.weights}
+    for b in reference.weights:  # Same seed: the same initial weights.
+        np.testing.assert_array_equal(start[b.path], b.numpy(), err_msg=b.path)
+    with tf.GradientTape() as tape:
+        outputs = reference.training_model(x, training=True)  # Updates its BN statistics once.
+        loss = written_out_loss(outputs, y, **{"t": 2.0, "alpha": 0.4, "beta": 0.1})
+    trainable = reference.trainable_weights
+    assert any(w.path.startswith("aux") for w in trainable)
+    for w, g in zip(trainable, tape.gradient(loss, trainable)):
+        w.assign(w - 0.1 * g)
+    history = one_step(model, x, y)
+    assert history["loss"][0] == pytest.approx(float(loss), rel=1e-5)
+    assert [w.path for w in model.weights] == [w.path for w in reference.weights]
+    for a, b in zip(model.weights, reference.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6, err_msg=a.path)
+    for w in model.trainable_weights:  # The learning rate moves every one of them.
+        assert not np.allclose(w.numpy(), start[w.path]), w.path
+
+
 # --- A plain classifier outside training ----------------------------------------------
 
 
+@pytest.mark.slow
 def test_call_predict_and_evaluate_are_the_backbones():
     x, y = batch()
     model = byot()

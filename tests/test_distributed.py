@@ -80,7 +80,7 @@ def free_ports(count):
     return ports
 
 
-def launch(command_for, tmp_path, count=2, timeout=240):
+def launch(command_for, tmp_path, count=2, timeout=240, extra_env=None):
     """Starts `count` workers on loopback ports; returns their completed processes."""
     ports = free_ports(count)
     cluster = {"worker": [f"localhost:{p}" for p in ports]}
@@ -93,6 +93,7 @@ def launch(command_for, tmp_path, count=2, timeout=240):
             TF_CPP_MIN_LOG_LEVEL="3",
             PYTHONPATH=str(ROOT),
             CUDA_VISIBLE_DEVICES="",
+            **(extra_env or {}),
         )
         procs.append(
             subprocess.Popen(
@@ -169,6 +170,80 @@ def test_training_command_runs_on_two_workers_and_the_chief_writes_the_run(tmp_p
     assert len(history) == 3  # A header and two epochs.
     assert f"Wrote {workdir}/metrics.json" in results[0][1]
     assert "Wrote" not in results[1][1]
+
+
+# 1,295 training digits (smoke.flags holds 10% out) in batches of 128: 11 steps per epoch.
+RESUMED_RUN = (
+    "--flagfile=" + str(ROOT / "configs/smoke.flags"),
+    "--epochs=4",
+    "--batch_size=128",
+    "--save_every_steps=5",
+)
+
+
+@pytest.mark.slow
+def test_two_workers_resumed_mid_epoch_end_with_the_weights_of_one_uninterrupted_process(
+    tmp_path,
+):
+    """The path `train.run` takes on several workers: `fit_multi_worker` with `steps_per_epoch`
+    given, after a resume with `initial_epoch > 0`, against one process's Keras `fit`.
+
+    Both workers are killed after step 17 (the last save is step 15: epoch 1, 4 steps done)
+    and the same command resumes them: `train._fit` finishes epoch 1 (`initial_epoch=1`,
+    `steps_per_epoch=7`, the epoch's dataset less its first 4 batches), then runs epochs 2
+    and 3 from one dataset of both (`initial_epoch=2`, `steps_per_epoch=11`). The final weights
+    and test metrics are those of one uninterrupted process, and the final state counts the
+    epochs as it does.
+
+    Mutants run (the two other multi-worker tests pass with each): (1) `iterator = None` in
+    `fit_multi_worker`, so that every epoch iterates its dataset anew (the other branch):
+    epoch 0 of the killed run reads the run's 44 batches, its mid-epoch saves stop at step 10,
+    and `(state["global_step"], state["epoch"], state["step"]) == (15, 1, 4)` fails with
+    (10, 0, 10); (2) `range(epochs - initial_epoch)` for `range(initial_epoch, epochs)` (a
+    resumed call numbers its epochs from 0; the weights stay right): the final state's check
+    `== (44, 4, 0)` fails with (44, 2, 0).
+    """
+    from cskd_tf import checkpointing  # pylint: disable=g-import-not-at-top
+    from cskd_tf import saving  # pylint: disable=g-import-not-at-top
+
+    workdir, reference = tmp_path / "workers", tmp_path / "one"
+
+    def command(strategy, folder):
+        return lambda index: [
+            sys.executable, "-m", "cskd_tf.train", *RESUMED_RUN, f"--strategy={strategy}",
+            f"--workdir={folder}",
+        ]  # fmt: skip
+
+    killed = launch(
+        command("multi_worker", workdir), ROOT, timeout=600,
+        extra_env={checkpointing.CRASH_ENV: "step:17"},
+    )  # fmt: skip
+    for code, _, err in killed:
+        assert code == -9, err[-3000:]  # SIGKILL, each after its step 17.
+    state = checkpointing.ResumeStore(workdir / "checkpoints").read_state()
+    assert (state["global_step"], state["epoch"], state["step"]) == (15, 1, 4)
+    resumed = launch(command("multi_worker", workdir), ROOT, timeout=600)
+    for code, _, err in resumed:
+        assert code == 0, err[-3000:]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
+    env.pop("TF_CONFIG", None)
+    single = subprocess.run(command("auto", reference)(0), cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600, check=False)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    for folder in (workdir, reference):
+        state = checkpointing.ResumeStore(folder / "checkpoints").read_state()
+        assert (state["global_step"], state["epoch"], state["step"]) == (44, 4, 0)
+    ours, theirs = (saving.load_model(w / "checkpoints/last.keras") for w in (workdir, reference))
+    assert [w.path for w in ours.weights] == [w.path for w in theirs.weights]
+    for a, b in zip(ours.weights, theirs.weights):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5,
+                                   err_msg=a.path)  # fmt: skip
+    ours, theirs = (json.loads((w / "metrics.json").read_text()) for w in (workdir, reference))
+    assert ours["nll"] == pytest.approx(theirs["nll"], rel=1e-3)
+    assert ours["top1_error"] == pytest.approx(theirs["top1_error"], abs=1.5 / 359)
+    rows = (workdir / "history.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2", "3"]
 
 
 def test_strategy_names_are_the_training_flags_and_unknown_ones_are_refused():

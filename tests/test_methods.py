@@ -102,6 +102,7 @@ def test_mixup_mixes_partners_like_their_anchors_and_repeats_with_the_seed():
         np.testing.assert_array_equal(soft, soft2)
 
 
+@pytest.mark.slow
 def test_mixup_lambda_follows_beta_alpha_alpha():
     # x = (0, 1): when the permutation swaps the two, the second mixed value is lam itself.
     ds = tf.data.Dataset.from_tensors((tf.constant([[0.0], [1.0]]), tf.constant([0, 1])))
@@ -114,6 +115,59 @@ def test_mixup_lambda_follows_beta_alpha_alpha():
         # Beta(a, a): mean 1/2, variance 1 / (4 (2a + 1)).
         assert lam.mean() == pytest.approx(0.5, abs=0.03)
         assert lam.var() == pytest.approx(1 / (4 * (2 * alpha + 1)), rel=0.1)
+
+
+def test_mixup_keyed_by_training_step_repeats_resumes_and_draws_beta():
+    """`first_batch=k`, the mode training uses: batch i is keyed by step k + i, so iterating
+    again gives the same batches and a dataset resumed at step k + j gives batch j's; each
+    batch is `lam * v + (1 - lam) * v[permutation]` of its inputs, partners and one-hot
+    labels, with one `lam ~ Beta(alpha, alpha)` per batch.
+
+    Every batch's inputs are the rows of `eye(4)`, so a mixed row i is `lam` at i and
+    `1 - lam` at `permutation[i]`: both can be read off it.
+
+    Mutants run: (1) `tf.data.Dataset.counter(0)` for `counter(first_batch)` in
+    `map_batches` (a resumed run re-draws the first steps' mixing): the resumed batches differ
+    (`assert_array_equal(a, b)` in `assert_batches_equal` fails); (2) `draw` ignoring the
+    batch's key (`tf.stack([tf.cast(seed, tf.int64), tf.constant(0, tf.int64)])`): the same
+    `lam` and permutation every batch, so repeating and resuming still agree, but
+    `lams.mean() == approx(0.5, abs=0.03)` fails (0.22, one draw).
+    """
+    steps, eye, rows = 1500, np.eye(4), np.arange(4)
+    x = np.tile(np.eye(4, dtype=np.float32), (steps, 1))
+    y = np.tile(np.array([0, 1, 2, 0]), steps)
+    ds = tf.data.Dataset.from_tensor_slices(((x, 10 * x), y)).batch(4)
+    mixed = mixup.mixup(ds, 3, alpha=1.0, seed=5, first_batch=7)
+    first = list(mixed.as_numpy_iterator())
+    assert len(first) == steps
+
+    def assert_batches_equal(got, want):
+        for a, b in zip(tf.nest.flatten(list(got)), tf.nest.flatten(list(want))):
+            np.testing.assert_array_equal(a, b)
+
+    assert_batches_equal(mixed.take(20).as_numpy_iterator(), first[:20])  # Iterated again.
+    for skip in (1, 9):  # A run resumed at step 7 + skip.
+        resumed = mixup.mixup(ds.skip(skip), 3, alpha=1.0, seed=5, first_batch=7 + skip)
+        assert_batches_equal(resumed.take(3).as_numpy_iterator(), first[skip : skip + 3])
+    inputs = np.stack([b[0][0] for b in first]).astype(np.float64)  # [steps, 4, 4]
+    partners = np.stack([b[0][1] for b in first])
+    soft = np.stack([b[1] for b in first])
+    diagonal = inputs[:, rows, rows]
+    others = inputs.copy()
+    others[:, rows, rows] = -1.0
+    permutation = np.where(diagonal < 1 - 1e-6, others.argmax(-1), rows)
+    moved = (permutation != rows).any(1)
+    lam = np.where(moved, diagonal[np.arange(steps), (permutation != rows).argmax(1)], 1.0)
+    lam_ = lam[:, None, None]
+    np.testing.assert_allclose(inputs, lam_ * eye + (1 - lam_) * eye[permutation], atol=1e-6)
+    np.testing.assert_allclose(partners, 10 * inputs, rtol=1e-6)
+    one_hot = np.eye(3)[[0, 1, 2, 0]]
+    np.testing.assert_allclose(soft, lam_ * one_hot + (1 - lam_) * one_hot[permutation],
+                               atol=1e-6)  # fmt: skip
+    lams = lam[moved]
+    assert len(lams) > 0.9 * steps  # All but the identity permutations (1 in 24).
+    assert lams.mean() == pytest.approx(0.5, abs=0.03)
+    assert lams.var() == pytest.approx(1 / 12, rel=0.1)  # Beta(1, 1): the uniform.
 
 
 # --- Composition in CSKDModel --------------------------------------------------------

@@ -167,6 +167,7 @@ def test_jit_compiled_step_equals_eager_graph_step():
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_mixed_float16_step_is_finite():
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
@@ -179,3 +180,81 @@ def test_mixed_float16_step_is_finite():
         assert np.isfinite(history["loss"][0]) and history["cls_loss"][0] >= 0
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_mixed_float16_step_moves_the_weights_as_the_float32_step():
+    """One step of lr 0.1 under mixed_float16 changes every weight as the float32 step does,
+    to the precision of float16 arithmetic (a few percent of the change).
+
+    Mutant run: `scaled_loss = loss` instead of `self.optimizer.scale_loss(loss)` in
+    `Classifier.train_step` (the LossScaleOptimizer then divides unscaled gradients by its
+    2^15 scale, and training stalls): `test_mixed_float16_step_is_finite` passes, and here the
+    change of the weights is 1/32768 of the float32 one, so the relative error of the update
+    is 0.99997 (`relative(flat(change_16), flat(change_32)) < 0.1` fails).
+    """
+    shape = (8, 8, 1)
+    rng = np.random.default_rng(0)
+    x, x_pair = (rng.normal(size=(16, *shape)).astype(np.float32) for _ in range(2))
+    y = rng.integers(0, CLASSES, size=16)
+
+    def one_step(policy):
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            keras.utils.set_random_seed(0)
+            model = compiled(CSKDModel(backbones.get("small_convnet", CLASSES, shape)), lr=0.1)
+            before = [w.numpy().copy() for w in model.backbone.trainable_weights]
+            fit_one_step(model, x, x_pair, y)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        after = [w.numpy() for w in model.backbone.trainable_weights]
+        return model, before, [a - b for a, b in zip(after, before)]
+
+    _, start_32, change_32 = one_step("float32")
+    model, start_16, change_16 = one_step("mixed_float16")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert model.backbone.get_layer("conv1").compute_dtype == "float16"
+    for a, b in zip(start_32, start_16):  # Same seed, same float32 variables.
+        np.testing.assert_array_equal(a, b)
+
+    def relative(a, b):
+        return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+    flat = lambda arrays: np.concatenate([a.ravel() for a in arrays])  # noqa: E731
+    assert np.linalg.norm(flat(change_32)) > 0.05  # The learning rate moves them.
+    assert relative(flat(change_16), flat(change_32)) < 0.1
+    paths = [w.path for w in model.backbone.trainable_weights]
+    for path, a, b in zip(paths, change_16, change_32):  # Each weight, batch-norm's too.
+        assert relative(a, b) < 0.25, path
+
+
+def test_sample_weights_weight_each_anchor_in_every_term():
+    """`fit` on `((x, x_pair), y, w)`: one step equals the objective written out with each
+    anchor's terms weighted by `w` over the batch size, `mean_i w_i CE_i + lambda mean_i w_i
+    KL_i` (Keras' weighting of its own losses), in the logged parts and in the weights.
+
+    Mutant run: the weights dropped from the class-wise term (`values *= ...` removed from
+    `term` in `CSKDModel.compute_objective`): `history["cls_loss"][0] == approx(...)` fails
+    (the unweighted mean), and so would the weights.
+    """
+    x, x_pair, y = batch()
+    w = np.array([1, 0, 2, 1, 0, 1, 3, 0.5], np.float32)
+    model = compiled(CSKDModel(mlp(), temperature=2.0, lambda_cls=3.0))
+    reference = mlp()
+    with tf.GradientTape() as tape:
+        logits = reference(x)
+        log_q = tf.nn.log_softmax(tf.stop_gradient(reference(x_pair)) / 2.0)
+        kl = 4.0 * tf.reduce_sum(tf.exp(log_q) * (log_q - tf.nn.log_softmax(logits / 2.0)), -1)
+        ce = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        ce_term, kl_term = tf.reduce_mean(w * ce), tf.reduce_mean(w * kl)
+        loss = ce_term + 3.0 * kl_term
+    grads = tape.gradient(loss, reference.trainable_weights)
+    expected = [v.numpy() - 0.1 * g.numpy() for v, g in zip(reference.trainable_weights, grads)]
+    ds = tf.data.Dataset.from_tensors(((x, x_pair), y, w))
+    history = model.fit(ds, epochs=1, verbose=0, shuffle=False).history
+    # Absolute slack: the KL of near-uniform predictions is ~2e-3, its float32 rounding ~1e-7.
+    assert history["ce_loss"][0] == pytest.approx(float(ce_term), rel=1e-5)
+    assert history["cls_loss"][0] == pytest.approx(float(kl_term), rel=1e-5, abs=1e-6)
+    assert history["loss"][0] == pytest.approx(float(loss), rel=1e-5)
+    assert float(kl_term) != pytest.approx(float(tf.reduce_mean(kl)), rel=1e-2)  # w matters.
+    for v, e in zip(model.backbone.trainable_weights, expected):
+        np.testing.assert_allclose(v.numpy(), e, rtol=1e-5, atol=1e-6, err_msg=v.path)

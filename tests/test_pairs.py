@@ -28,6 +28,7 @@ def test_every_anchor_once_partner_same_class_singleton_self_paired():
         assert dict(got)[3] == 3  # The only sample of class 2.
 
 
+@pytest.mark.slow
 def test_partner_is_uniform_within_the_class_self_included():
     ds = pairs.pair_indices(LABELS, seed=1)
     counts = collections.defaultdict(collections.Counter)
@@ -213,3 +214,49 @@ def test_without_a_range_each_iteration_is_a_new_epoch():
     assert any(not np.array_equal(a[0], b[0]) for a, b in zip(first, second))
     with pytest.raises(ValueError, match="skip needs an explicit range"):
         make(skip=1)
+
+
+def test_clean_view_is_the_anchor_image_without_augmentation_and_changes_no_other_draw():
+    """`pair_dataset(..., clean=aug.eval)`: `x_clean` is the evaluation preprocessing of the
+    anchor's own image (the one `x` is a crop of), while `x`, `x_pair` and `y` are exactly the
+    batches without it; pixels and encoded images give the same batches.
+
+    Mutant run: the partner's image in the clean view (`clean(decode(tf.gather(values,
+    partner_index)))` in `pair_dataset`'s `read`; same class, so the labels still agree):
+    `assert is_crop(x[i], images[index])` fails.
+    """
+    rng = np.random.default_rng(0)
+    images = rng.integers(1, 256, size=(len(LABELS), 32, 32, 3), dtype=np.uint8)
+    encoded = np.array([tf.io.encode_png(i).numpy() for i in images], dtype=object)
+    aug = data.Augmenter("cifar", seed=0)
+    clean = np.stack([aug.eval(tf.constant(i)).numpy() for i in images])  # Eagerly.
+    mean, std = np.array(augment.CIFAR_MEAN), np.array(augment.CIFAR_STD)
+
+    def is_crop(view, image):
+        pixels = np.round((view * std + mean) * 255)
+        padded = np.pad(image, [(4, 4), (4, 4), (0, 0)]).astype(np.float64)
+        windows = [padded[i : i + 32, j : j + 32] for i in range(9) for j in range(9)]
+        return any(np.array_equal(pixels, w) or np.array_equal(pixels, w[:, ::-1])
+                   for w in windows)  # fmt: skip
+
+    common = dict(seed=3, augment=aug.train, epochs=range(2, 3))
+    with_clean = list(data.pair_dataset(images, LABELS, 4, clean=aug.eval, **common))
+    without = list(data.pair_dataset(images, LABELS, 4, **common))
+    assert len(with_clean) == len(without) == 3
+    anchors = []
+    for ((x, x_pair, x_clean), y), ((x2, x_pair2), y2) in zip(with_clean, without):
+        np.testing.assert_array_equal(x.numpy(), x2.numpy())
+        np.testing.assert_array_equal(x_pair.numpy(), x_pair2.numpy())
+        np.testing.assert_array_equal(y.numpy(), y2.numpy())
+        for i, view in enumerate(x_clean.numpy()):
+            matches = [a for a in range(len(images)) if np.allclose(view, clean[a], atol=1e-6)]
+            assert len(matches) == 1
+            index = matches[0]
+            assert LABELS[index] == y.numpy()[i]
+            assert is_crop(x.numpy()[i], images[index])
+            anchors.append(index)
+    assert sorted(anchors) == list(range(len(LABELS)))  # Every anchor once.
+    # Encoded images are decoded once for both views: the same batches.
+    decoded = data.pair_dataset(encoded, LABELS, 4, clean=aug.eval, kind="encoded", **common)
+    for a, b in zip(tf.nest.flatten(list(decoded)), tf.nest.flatten(with_clean)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
