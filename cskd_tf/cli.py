@@ -41,8 +41,35 @@ def _parse_flags(argv):
         sys.exit(2)
 
 
+# The flags that ask for help; absl's own answer to them lists the flags of the main module
+# only, which for a console command (`cskd-train`) or `tools/*.py` is not where they are defined,
+# and exits 1.
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
+
+
+def _help(main, argv):
+    """Prints the command's help to stdout and exits 0, if `argv` asks for it."""
+    asked = next((a for a in argv[1:] if a in (*HELP_FLAGS, "--")), None)
+    if asked in (None, "--"):  # After "--" come arguments, not flags.
+        return
+    module = sys.modules.get(main.__module__)
+    by_module = flags.FLAGS.flags_by_module_dict()
+    names = [main.__module__, getattr(module, "__file__", None), sys.argv[0]]
+    defined = next((name for name in names if by_module.get(name)), None)
+    doc = (getattr(module, "__doc__", None) or "").strip()
+    if asked == "--helpfull" or defined is None:
+        listed = flags.FLAGS.get_help()
+    else:
+        listed = flags.FLAGS.module_help(defined)
+    print(f"{doc}\n\nFlags:\n{listed}" if doc else f"Flags:\n{listed}")
+    sys.exit(0)
+
+
 def run(main):
     """`absl.app.run(main)`, with each way to fail exiting with its status and one line.
+
+    `--help` (or `-h`) prints the command's docstring and its own flags and exits 0,
+    `--helpfull` every flag.
 
     Args:
       main: callable(argv). Raises `UserError` for a mistake of the user's (wrong
@@ -68,6 +95,7 @@ def run(main):
             print("error: interrupted by Ctrl-C.", file=sys.stderr)
             sys.exit(EXIT_STOPPED)
 
+    _help(main, sys.argv)
     app.run(main_with_errors, flags_parser=_parse_flags)
 
 

@@ -386,6 +386,7 @@ def test_densenet121_stems():
     assert tuple(small.get_layer("relu5").output.shape) == (None, 4, 4, 1024)
 
 
+@pytest.mark.slow
 def test_densenet121_stem_threshold():
     # 64 is the largest height that still gets the 3x3 stem; 65 gets the 7x7 one.
     assert backbones.get("densenet121", 10, (64, 64, 3)).get_layer("conv0").kernel.shape[0] == 3

@@ -106,6 +106,7 @@ def test_format_table_is_markdown():
 TINY = step_cost.Case("small_convnet", (8, 8, 1), batch_size=4, num_classes=3)
 
 
+@pytest.mark.slow
 def test_step_cost_structure_and_profile():
     document = step_cost.run(cases=[TINY], jit_modes=(False,), repeats=2, warmup=0, profile=True)
     assert_document(document, "step_cost", 1)
@@ -152,6 +153,7 @@ def test_step_cost_structure_and_profile():
     assert "torch BN / Keras BN" in table and "float32 / bf16" in table
 
 
+@pytest.mark.slow
 def test_step_cost_reports_only_the_ratios_of_the_variants_timed():
     document = step_cost.run(
         cases=[TINY], jit_modes=(False,), variants=("ce", "cskd_keras_bn"), repeats=1, warmup=0
@@ -250,6 +252,7 @@ def test_keras_batch_norm_copy_differs_only_in_the_moving_variance():
         assert_unbiased_over_biased(torch_bn, keras_bn, passes=1, batch_size=TINY.batch_size)
 
 
+@pytest.mark.slow
 def test_keras_batch_norm_contender_takes_the_same_cskd_step():
     # The bench's own two contenders: the same start, loss, gradients and update.
     x, x_pair, y = step_cost.random_batch(TINY, seed=1)
@@ -291,6 +294,7 @@ def test_bfloat16_contender_is_built_as_the_trainer_builds_it():
 # --- pipeline -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pipeline_structure():
     settings = pipeline.Settings(
         num_pixel_images=64,

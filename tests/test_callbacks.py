@@ -134,6 +134,7 @@ def test_callback_scores_the_evaluated_epochs_for_every_later_callback(tmp_path)
     assert checkpoint.exists()  # ModelCheckpoint saw val_ece.
 
 
+@pytest.mark.slow
 def test_callback_under_two_replicas_matches_one_device():
     x, y = arrays(n=24)
     val_x, val_y = arrays(n=11, seed=1)

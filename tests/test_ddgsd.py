@@ -205,6 +205,7 @@ def objective(net, x_a, x_b, y, temperature, lambda_consistency, lambda_mmd):
     return tf.reduce_mean(ce) + lambda_consistency * tf.reduce_mean(kl) + lambda_mmd * mmd
 
 
+@pytest.mark.slow
 def test_two_replicas_equal_one_device_and_the_objective_written_out():
     x_a, x_b, y = views(n=8)
     x_b = x_b + 1.0  # A large feature gap, so that the MMD term matters.
@@ -242,6 +243,7 @@ def test_two_replicas_equal_one_device_and_the_objective_written_out():
     assert per_replica != pytest.approx(float(linear_mmd(f_a, f_b)), rel=1e-2)
 
 
+@pytest.mark.slow
 def test_evaluate_and_predict_see_a_plain_classifier():
     x_a, x_b, y = views()
     model = compiled(DDGSDModel(mlp()))
@@ -273,6 +275,7 @@ def test_mistakes_raise_one_sentence():
         DDGSDModel(no_features)
 
 
+@pytest.mark.slow
 def test_config_and_keras_file_round_trip(tmp_path):
     x_a, x_b, y = views()
     model = compiled(DDGSDModel(mlp(), temperature=3.0, lambda_consistency=0.5, lambda_mmd=2.0))
@@ -295,6 +298,7 @@ def test_config_and_keras_file_round_trip(tmp_path):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_mixed_float16_step_matches_float32():
     x_a, x_b, y = views()
     single = compiled(DDGSDModel(mlp()), lr=0.0)

@@ -44,6 +44,7 @@ def read_json(path):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_scores_equal_the_runs_own_metrics_and_figures_are_written(runs, tmp_path):
     out = tmp_path / "compare"
     result = evaluate.run([runs["ce"], runs["cskd"]], out=str(out))
@@ -60,6 +61,7 @@ def test_scores_equal_the_runs_own_metrics_and_figures_are_written(runs, tmp_pat
         assert path.read_bytes()[:8] == PNG
 
 
+@pytest.mark.slow
 def test_validation_split_scores_equal_the_runs_val_metrics(runs, tmp_path):
     own = read_json(os.path.join(runs["cskd"], "metrics.json"))
     result = evaluate.run([runs["cskd"]], split="val", out=str(tmp_path / "v"))

@@ -76,6 +76,7 @@ def in_memory(workdir, images):
     return callbacks.predict(model, ds)
 
 
+@pytest.mark.slow
 def test_fresh_process_reload_serves_what_the_model_computes(run, tmp_path):
     test = sources.load_digits().test
     pixels = test.values.astype(np.float32)  # uint8 values as float32: raw 0..255.
@@ -260,6 +261,7 @@ def test_a_missing_converter_is_one_sentence_before_anything_is_written(
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_evaluate_scores_an_export_as_its_run(run, tmp_path):
     result = evaluate.run([run["plain"]], out=str(tmp_path / "e"))
     scores = next(iter(result["metrics"].values()))

@@ -442,6 +442,7 @@ def test_write_all_writes_four_pngs(tmp_path, num_runs):
         assert_png(path)
 
 
+@pytest.mark.slow
 def test_write_all_adds_figure_4_with_groups_and_learning_curves_with_histories(tmp_path):
     runs = make_runs(n=24)
     histories = [{"label": run["label"], "history": {"loss": [1.0, 0.5]}} for run in runs]

@@ -391,6 +391,7 @@ def test_porting_round_trips_and_reads_checkpoint_names():
     )
 
 
+@pytest.mark.slow
 def test_porting_reads_torchvision_densenet_legacy_names():
     entry = MANIFEST["models"]["densenet121"]
     backbone = cskd_tf.backbones.get(entry["cskd_tf"], 10, tuple(entry["input_shape"]))

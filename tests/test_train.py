@@ -191,6 +191,7 @@ def write_tree(root, counts, size=(40, 48)):
                 (folder / f"{i}.png").write_bytes(tf.io.encode_png(image).numpy())
 
 
+@pytest.mark.slow
 def test_image_folder_tree_trains(tmp_path):
     write_tree(tmp_path / "data", {"ant": 3, "bee": 2, "cat": 1})
     result = train.run(
@@ -269,6 +270,7 @@ def test_cli_diverging_run_stops_with_one_line_and_status_1(tmp_path):
     assert not (workdir / "metrics.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_trains_with_float32_logits_and_restores_the_policy(tmp_path, policy):
     import keras  # pylint: disable=g-import-not-at-top
@@ -289,6 +291,7 @@ def test_mixed_precision_trains_with_float32_logits_and_restores_the_policy(tmp_
     assert keras.config.dtype_policy().name == "float32"
 
 
+@pytest.mark.slow
 def test_xla_compiled_training_runs(tmp_path):
     result = train.run(
         dataset="digits",
@@ -304,3 +307,128 @@ def test_xla_compiled_training_runs(tmp_path):
         result["history"]["cls_loss"][0]
     )
     assert "--jit_compile=True" in (tmp_path / "run" / "flags.txt").read_text()
+
+
+def test_metrics_json_equals_an_independent_scoring_of_the_final_model(tmp_path):
+    """Every score of `metrics.json` recomputed from the returned model's predictions on the
+    test split, with scikit-learn and loops written here (not `cskd_tf.metrics`).
+
+    Mutants run: in `metrics.classification_metrics`, (1) `"top5_error": top_k_error(logits,
+    labels, 1)` (`test_run_writes_metrics_flags_and_checkpoints` passes: top-5 <= top-1 still
+    holds): `metrics["top5_error"] == approx(top5)` fails; (2) `"aurc":
+    area_under_risk_coverage(logits, labels)` (the logits ranked as if probabilities):
+    `metrics["aurc"] == approx(aurc)` fails.
+    """
+    from scipy import special  # pylint: disable=g-import-not-at-top
+    from sklearn import metrics as sk  # pylint: disable=g-import-not-at-top
+    from sklearn import neighbors  # pylint: disable=g-import-not-at-top
+
+    import keras  # pylint: disable=g-import-not-at-top
+
+    from cskd_tf import data  # pylint: disable=g-import-not-at-top
+
+    workdir = tmp_path / "run"
+    result = train.run(
+        dataset="digits", backbone="mlp", epochs=1, batch_size=64, eval_every=0,
+        workdir=str(workdir), verbose=0,
+    )  # fmt: skip
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    test = sources.load_digits().test
+    augment = data.Augmenter("digits").eval
+    images = data.example_dataset(test.values, test.labels, 128, augment=augment)
+    net = result["model"].backbone
+    logits = net.predict(images.map(lambda x, y: x), verbose=0).astype(np.float64)
+    features = keras.Model(net.input, net.get_layer("features").output).predict(
+        images.map(lambda x, y: x), verbose=0
+    )
+    labels, classes = np.asarray(test.labels), np.arange(logits.shape[1])
+    probs = special.softmax(logits, axis=-1)
+    confidence, correct = probs.max(-1), probs.argmax(-1) == labels
+    # Top-k and NLL by scikit-learn.
+    top1 = 1 - sk.top_k_accuracy_score(labels, logits, k=1, labels=classes)
+    top5 = 1 - sk.top_k_accuracy_score(labels, logits, k=5, labels=classes)
+    assert 0 < top5 < top1  # One epoch: the two differ, so a mix-up shows.
+    # AURC: the risk of the i most confident predictions, averaged over i = 1..n.
+    order = sorted(range(len(labels)), key=lambda i: -confidence[i])
+    risks, errors = [], 0
+    for i, index in enumerate(order, 1):
+        errors += not correct[index]
+        risks.append(errors / i)
+    # ECE over the paper's 20 equal-width bins ((m - 1)/20, m/20].
+    ece = 0.0
+    for m in range(20):
+        inside = (confidence > m / 20) & (confidence <= (m + 1) / 20)
+        if inside.any():
+            ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    # Recall@1: the nearest other test example by L2 distance of the pooled features.
+    _, nearest = neighbors.NearestNeighbors(n_neighbors=2, algorithm="brute").fit(
+        features
+    ).kneighbors(features)
+    others = np.where(nearest[:, 0] == np.arange(len(labels)), nearest[:, 1], nearest[:, 0])
+    assert metrics["num_examples"] == len(labels) == 359
+    assert metrics["top1_error"] == pytest.approx(top1, abs=1e-9)
+    assert metrics["top5_error"] == pytest.approx(top5, abs=1e-9)
+    assert metrics["nll"] == pytest.approx(sk.log_loss(labels, probs, labels=classes), rel=1e-5)
+    assert metrics["aurc"] == pytest.approx(np.mean(risks), rel=1e-5)
+    assert metrics["ece"] == pytest.approx(ece, abs=1e-5)
+    assert metrics["recall_at_1"] == pytest.approx(np.mean(labels[others] == labels), abs=1e-9)
+
+
+HELP_IMPORTS = """
+import sys
+from absl import flags
+from cskd_tf import train
+
+values = flags.FlagValues()
+train.define_flags(values)
+values(["train", "--method=kd_cskd", "--epochs=3", "--mixed_precision=mixed_float16"])
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras")))
+"""
+
+
+def test_help_and_flag_parsing_import_neither_tensorflow_nor_keras(tmp_path):
+    """`--help` and the flags (every method's among them) need neither TensorFlow nor Keras,
+    so they answer at once; the help names every flag and every method.
+
+    Mutants run: (1) `import keras` at the top of `cskd_tf/methods/base.py` (the registry the
+    flags are read from): `proc.stdout.strip() == "[]"` fails (Keras and TensorFlow are
+    listed); (2) `import tensorflow` inside `cskd_tf.cli._parse_flags` (the command's own flag
+    parsing only): the `-X importtime` list of the `--help` process names TensorFlow's modules.
+    """
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-c", HELP_IMPORTS], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+    # The command itself: `-X importtime` lists on stderr every module the process imported.
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "cskd_tf.train", "--help"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")]  # fmt: skip
+    assert {"cskd_tf.methods", "absl.flags"} <= set(imported)  # The list is complete.
+    assert not [m for m in imported if m.split(".")[0] in ("tensorflow", "keras")]
+    # Help asked for is an answer, not a failure (absl's own --help exits 1).
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout.startswith(train.__doc__.strip().splitlines()[0])
+    for name in train.define_flags(flags.FlagValues()):
+        assert f"--{name}:" in proc.stdout or f"--[no]{name}:" in proc.stdout, name
+    for method in methods.names():
+        assert method in proc.stdout, method
+
+
+@pytest.mark.parametrize("script,flag", [("tools/export.py", "--format"),
+                                         ("tools/report.py", "--readme")])  # fmt: skip
+def test_help_of_a_command_run_from_outside_its_module_lists_its_flags(script, flag, tmp_path):
+    """`tools/*.py` and the console commands (`cskd-export`) define their flags in a module that
+    is not `__main__`: their `--help` lists those flags all the same and exits 0.
+
+    Mutant run: `_help(main, sys.argv)` removed from `cskd_tf.cli.run` (absl answers, listing
+    no flag): `proc.returncode == 0` fails with 1, for both scripts.
+    """
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"  {flag}:" in proc.stdout

@@ -249,6 +249,7 @@ def test_lambda_zero_is_plain_cross_entropy():
     assert_step(model, reference, lambda: ce(y, reference(x)), x, y)
 
 
+@pytest.mark.slow
 def test_saved_dense_model_reloads_as_the_same_classifier(tmp_path):
     shape = (8, 8, 1)
     x, y = batch(shape)
