@@ -1,7 +1,6 @@
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import tensorflow as tf
 from cskd_tf import distributed
 from cskd_tf import train
 from cskd_tf.errors import UserError
+from localhost import free_ports  # tests/localhost.py
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -68,16 +68,6 @@ def build():
         metrics=["accuracy"],
     )
     return model
-
-
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def launch(command_for, tmp_path, count=2, timeout=240, extra_env=None):

@@ -12,7 +12,6 @@ import os
 import pathlib
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from cskd_tf import cli
 from cskd_tf import distributed
 from cskd_tf import saving
 from cskd_tf import train
+from localhost import free_ports  # tests/localhost.py
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # 1,438 training digits in batches of 64: 23 steps per epoch, 46 in all. No periodic saves:
@@ -317,19 +317,9 @@ WORKER_FLAGS = (
 )
 
 
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def launch_workers(workdir, flags, crashes=(None, None), timeout=600):
     """Runs the training command on two workers of one cluster; returns their CompletedProcess."""
-    cluster = {"worker": [f"localhost:{p}" for p in _free_ports(len(crashes))]}
+    cluster = {"worker": [f"localhost:{p}" for p in free_ports(len(crashes))]}
     procs = []
     for index, crash in enumerate(crashes):
         env = _env(crash)
